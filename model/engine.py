@@ -1,0 +1,354 @@
+"""The decide/respond engine: after every message, stay silent or speak.
+
+Per channel the engine keeps the rendered history (system header, human turns, bot turns, tool
+results) as token ids, and the runner's key/value cache of a prefix of it. Each forward pass first
+finds how much of the cache still matches the history (everything except what changed since the
+last call), crops the rest, and runs only the new tokens: a decision costs the new message's tokens
+plus the few tokens of the previous bot turn, not the whole history. With `incremental=False` every
+decision re-encodes the whole window instead (the naive way; used as the benchmark baseline and in
+tests that check both give the same result).
+
+Deciding: one forward pass over `...human turn + assistant header + "("` gives the next-token logits
+of "silence" and "response"; P(respond) = softmax over those two. A message that addresses the bot
+explicitly (an @mention or a reply to it, as the platform reports it; `@BotName` in the text
+otherwise) always gets a reply when `always_answer_mentions` is set; the reported P(respond) is still
+the model's own. The reply is generated only when the bot speaks.
+
+When a channel's history would exceed `max_context_tokens`, its oldest exchanges are dropped until
+it fits in `context_keep_ratio` of the budget and the cache is rebuilt once (amortised over the many
+messages that then fit again).
+
+Usage:
+
+    engine = Engine.from_config(EngineConfig())
+    d = engine.handle("general", IncomingMessage("alice", "@Chime what's the capital of Peru?"))
+    print(d.decision, d.p_respond, d.response)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from model.chat_format import BotTurn, ChatFormat, parse_reply
+from model.config import EngineConfig
+from model.conversation import Message, ToolCall
+from model.loading import LoadedModel, load_model
+from model.runner import Runner, build_runner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IncomingMessage:
+    name: str
+    content: str
+    addressed: bool | None = None  # platform-reported mention/reply; None: look for @BotName in the text
+
+
+@dataclass
+class Decision:
+    name: str
+    content: str
+    decision: Literal["silence", "respond"]
+    p_respond: float
+    addressed: bool
+    latency_ms: float  # the decision alone (tokenise + one forward pass)
+    threshold: float
+    response: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_call_errors: list[str] = field(default_factory=list)
+    reply_ms: float | None = None
+    reply_tokens: int = 0
+    forward_tokens: int = 0  # tokens the decision's forward pass actually ran
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "content": self.content,
+            "decision": self.decision,
+            "p_respond": round(self.p_respond, 6),
+            "response": self.response,
+            "tool_calls": [c.to_dict() for c in self.tool_calls],
+            "latency_ms": round(self.latency_ms, 2),
+            "addressed": self.addressed,
+            "reply_ms": None if self.reply_ms is None else round(self.reply_ms, 2),
+        }
+
+
+@dataclass
+class Reply:
+    text: str
+    tool_calls: list[ToolCall]
+    errors: list[str]
+    n_tokens: int
+    ms: float
+
+
+@dataclass
+class _Turn:
+    kind: Literal["human", "bot", "tool"]
+    ids: list[int]
+
+
+@dataclass
+class Channel:
+    id: str
+    bot_name: str
+    tools: list[dict[str, Any]]
+    system_ids: list[int]
+    state: Any
+    turns: list[_Turn] = field(default_factory=list)
+    cache_ids: list[int] = field(default_factory=list)  # exactly the ids the runner state holds
+    awaiting_bot_turn: bool = False
+    rebuilds: int = 0
+
+    def window_ids(self) -> list[int]:
+        ids = list(self.system_ids)
+        for turn in self.turns:
+            ids.extend(turn.ids)
+        return ids
+
+    def history_tokens(self) -> int:
+        return len(self.system_ids) + sum(len(t.ids) for t in self.turns)
+
+
+def mentions_bot(text: str, bot_name: str) -> bool:
+    """True when `text` contains `@BotName` (case-insensitive, not followed by a word character)."""
+    return re.search("@" + re.escape(bot_name.strip()) + r"(?!\w)", text or "", re.IGNORECASE) is not None
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    # Compare in blocks first: histories share long prefixes.
+    step = 256
+    while i + step <= n and a[i : i + step] == b[i : i + step]:
+        i += step
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Engine:
+    """Decides and replies for any number of channels; one model, state per channel."""
+
+    def __init__(self, runner: Runner, fmt: ChatFormat, config: EngineConfig, model_name: str = "model"):
+        self.runner = runner
+        self.fmt = fmt
+        self.config = config
+        self.model_name = model_name
+        self.adapter = config.adapter
+        self._channels: dict[str, Channel] = {}
+        self._lock = threading.RLock()
+        self._generator = torch.Generator()
+        if config.seed is not None:
+            self._generator.manual_seed(config.seed)
+        else:
+            self._generator.seed()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> Engine:
+        config.validate()
+        loaded: LoadedModel = load_model(config)
+        runner = build_runner(loaded.model, dtype=loaded.dtype, device=loaded.device)
+        fmt = ChatFormat(loaded.tokenizer, max_message_chars=config.max_message_chars)
+        log.info("engine ready: %s (adapter %s) on %s, %s, runner %s", loaded.name, loaded.adapter,
+                 loaded.device, loaded.dtype, type(runner).__name__)
+        return cls(runner, fmt, config, model_name=loaded.name)
+
+    # ------------------------------------------------------------------ channels
+
+    def channel(self, channel_id: str, bot_name: str | None = None, tools: Sequence[dict[str, Any]] | None = None) -> Channel:
+        """The channel's state, created on first use (bot name and tools fixed at creation)."""
+        with self._lock:
+            ch = self._channels.get(channel_id)
+            if ch is None:
+                name = bot_name or self.config.bot_name
+                tool_list = list(tools or [])
+                ch = Channel(
+                    id=channel_id,
+                    bot_name=name,
+                    tools=tool_list,
+                    system_ids=self.fmt.system_ids(name, tool_list),
+                    state=self.runner.new_state(),
+                )
+                self._channels[channel_id] = ch
+            return ch
+
+    def reset(self, channel_id: str) -> None:
+        with self._lock:
+            self._channels.pop(channel_id, None)
+
+    def channels(self) -> list[str]:
+        return list(self._channels)
+
+    # ------------------------------------------------------------------ history
+
+    def add_human(self, channel_id: str, name: str, text: str) -> None:
+        """Add a human message as context, with no decision and no implicit bot turn."""
+        with self._lock:
+            ch = self.channel(channel_id)
+            self._close_pending(ch)
+            ids = self.fmt.human_ids(name, text)
+            self._fit(ch, len(ids))
+            ch.turns.append(_Turn("human", ids))
+
+    def observe(self, channel_id: str, name: str, text: str) -> None:
+        """A message the bot saw but did not decide on (backfill, load shedding): human + (silence)."""
+        with self._lock:
+            self.add_human(channel_id, name, text)
+            self.commit(channel_id, BotTurn(kind="silence"))
+
+    def add_message(self, channel_id: str, msg: Message) -> None:
+        """Add a message from a conversation file as it is (humans get no implicit bot turn here)."""
+        if msg.role == "user":
+            self.add_human(channel_id, msg.name or "", msg.content)
+        elif msg.role == "assistant":
+            self.commit(channel_id, BotTurn.from_message(msg))
+        else:
+            with self._lock:
+                ch = self.channel(channel_id)
+                ch.turns.append(_Turn("tool", self.fmt.tool_ids(msg.name or "tool", msg.content)))
+
+    def commit(self, channel_id: str, turn: BotTurn) -> None:
+        """Record what the bot did after the last message (silence, a reply, tool calls)."""
+        with self._lock:
+            ch = self.channel(channel_id)
+            ch.turns.append(_Turn("bot", self.fmt.bot_turn_ids(turn).ids))
+            ch.awaiting_bot_turn = False
+
+    def _close_pending(self, ch: Channel) -> None:
+        if ch.awaiting_bot_turn:  # decided but never committed: the bot stayed silent
+            ch.turns.append(_Turn("bot", self.fmt.bot_turn_ids(BotTurn(kind="silence")).ids))
+            ch.awaiting_bot_turn = False
+
+    def _fit(self, ch: Channel, incoming: int) -> None:
+        """Drop the oldest exchanges when the history plus `incoming` tokens would overflow."""
+        reserve = incoming + len(self.fmt.bot_header_ids) + self.config.max_new_tokens + 8
+        budget = self.config.max_context_tokens
+        if ch.history_tokens() + reserve <= budget:
+            return
+        target = int(budget * self.config.context_keep_ratio) - reserve
+        total = ch.history_tokens()
+        drop = 0
+        while drop < len(ch.turns) and total > max(target, len(ch.system_ids)):
+            total -= len(ch.turns[drop].ids)
+            drop += 1
+            # an exchange starts at a human turn: never keep a bot turn whose message is gone
+            while drop < len(ch.turns) and ch.turns[drop].kind != "human":
+                total -= len(ch.turns[drop].ids)
+                drop += 1
+        if drop:
+            del ch.turns[:drop]
+            ch.rebuilds += 1
+            log.debug("channel %s: dropped %d turns, %d tokens of history remain", ch.id, drop, total)
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _forward(self, ch: Channel, extra: Sequence[int]) -> tuple[torch.Tensor, int]:
+        """Bring the cache to history + `extra` and return the last position's output."""
+        target = ch.window_ids() + list(extra)
+        if self.config.incremental:
+            keep = _common_prefix(ch.cache_ids, target)
+            keep = min(keep, len(target) - 1)  # always run at least one token to get an output
+        else:
+            keep = 0
+        self.runner.crop(ch.state, keep)
+        new = target[keep:]
+        out = self.runner.extend(ch.state, new)
+        ch.cache_ids = target
+        return out, len(new)
+
+    def decide(self, channel_id: str, msg: IncomingMessage) -> Decision:
+        """Add the message and decide whether to respond; generates nothing."""
+        with self._lock:
+            start = time.perf_counter()
+            ch = self.channel(channel_id)
+            self._close_pending(ch)
+            ids = self.fmt.human_ids(msg.name, msg.content)
+            self._fit(ch, len(ids))
+            ch.turns.append(_Turn("human", ids))
+            ch.awaiting_bot_turn = True
+            out, n = self._forward(ch, self.fmt.bot_header_ids + self.fmt.decision_prefix_ids)
+            logits = self.runner.marker_logits(out, [self.fmt.silence_token_id, self.fmt.response_token_id])
+            p = float(torch.sigmoid(logits[1] - logits[0]))
+            if math.isnan(p):
+                p = 0.0
+            addressed = msg.addressed if msg.addressed is not None else mentions_bot(msg.content, ch.bot_name)
+            speak = p >= self.config.threshold or (addressed and self.config.always_answer_mentions)
+            return Decision(
+                name=msg.name,
+                content=msg.content,
+                decision="respond" if speak else "silence",
+                p_respond=p,
+                addressed=addressed,
+                latency_ms=(time.perf_counter() - start) * 1000,
+                threshold=self.config.threshold,
+                forward_tokens=n,
+            )
+
+    def generate(self, channel_id: str, max_new_tokens: int | None = None, min_new_tokens: int = 0) -> Reply:
+        """Generate the bot's reply after the last message (after "(response)"), without committing it."""
+        with self._lock:
+            start = time.perf_counter()
+            ch = self.channel(channel_id)
+            assert ch.turns and ch.turns[-1].kind in ("human", "tool"), "generate needs a message to answer"
+            limit = max_new_tokens or self.config.max_new_tokens
+            header = self.fmt.bot_header_ids + self.fmt.decision_prefix_ids + self.fmt.response_marker_rest_ids()
+            out, _ = self._forward(ch, header)
+            generated: list[int] = []
+            while len(generated) < limit:
+                logits = self.runner.next_logits(out)
+                if len(generated) < min_new_tokens:
+                    logits[list(self.fmt.stop_ids)] = -float("inf")
+                token = self._sample(logits)
+                if token in self.fmt.stop_ids:
+                    break
+                generated.append(token)
+                out = self.runner.extend(ch.state, [token])
+                ch.cache_ids.append(token)
+            parsed = parse_reply(self.fmt.decode(generated))
+            return Reply(
+                text=parsed.text,
+                tool_calls=list(parsed.tool_calls),
+                errors=list(parsed.errors),
+                n_tokens=len(generated),
+                ms=(time.perf_counter() - start) * 1000,
+            )
+
+    def _sample(self, logits: torch.Tensor) -> int:
+        if self.config.temperature <= 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits / self.config.temperature, dim=-1)
+        if self.config.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < self.config.top_p
+            sorted_p = sorted_p * keep
+            choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=self._generator)
+            return int(order[choice])
+        return int(torch.multinomial(probs, 1, generator=self._generator))
+
+    def handle(self, channel_id: str, msg: IncomingMessage) -> Decision:
+        """Decide on a message and, when speaking, generate and commit the reply (the live path)."""
+        with self._lock:
+            d = self.decide(channel_id, msg)
+            if d.decision == "respond":
+                reply = self.generate(channel_id)
+                d.response = reply.text
+                d.tool_calls = reply.tool_calls
+                d.tool_call_errors = reply.errors
+                d.reply_ms = reply.ms
+                d.reply_tokens = reply.n_tokens
+                self.commit(channel_id, BotTurn(kind="response", text=reply.text, tool_calls=tuple(reply.tool_calls)))
+            else:
+                self.commit(channel_id, BotTurn(kind="silence"))
+            return d

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.tiny import build_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_format(tiny_tokenizer):
+    from model.chat_format import ChatFormat
+
+    return ChatFormat(tiny_tokenizer, max_message_chars=2000)
+
+
+@pytest.fixture()
+def tiny_engine_factory(tiny_model_dir: Path):
+    """Build engines on the tiny model: `make(**config_overrides)`."""
+    from model.config import EngineConfig
+    from model.engine import Engine
+
+    def make(**overrides):
+        settings = {"model": str(tiny_model_dir), "dtype": "float32", "seed": 0, "temperature": 0.0}
+        settings.update(overrides)
+        return Engine.from_config(EngineConfig(**settings))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def default_engine():
+    """The real default model, loaded once per test session (converted and cached on first use)."""
+    from model.config import EngineConfig
+    from model.engine import Engine
+
+    return Engine.from_config(EngineConfig(seed=0, temperature=0.0))

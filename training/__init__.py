@@ -1,0 +1,1 @@
+"""Chime's training side: datasets, recipes, training and evaluation."""
