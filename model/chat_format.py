@@ -309,6 +309,7 @@ class ChatFormat:
         name = name.replace(":", "\ua789")  # modifier letter colon: looks alike, never splits
         name = self._break_special(name)
         name = _MARKER_RE.sub(lambda m: f"[{m.group(1).lower()}]", name)
+        name = _TOOL_TAG_RE.sub(lambda m: f"[{m.group(1)}{m.group(2).lower()}]", name)
         name = name[:MAX_NAME_CHARS].strip()
         return name or "someone"
 

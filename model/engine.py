@@ -159,8 +159,13 @@ class Engine:
     def from_config(cls, config: EngineConfig) -> Engine:
         config.validate()
         loaded: LoadedModel = load_model(config)
-        runner = build_runner(loaded.model, dtype=loaded.dtype, device=loaded.device)
         fmt = ChatFormat(loaded.tokenizer, max_message_chars=config.max_message_chars)
+        runner = build_runner(
+            loaded.model,
+            dtype=loaded.dtype,
+            device=loaded.device,
+            marker_ids=[fmt.silence_token_id, fmt.response_token_id],
+        )
         log.info("engine ready: %s (adapter %s) on %s, %s, runner %s", loaded.name, loaded.adapter,
                  loaded.device, loaded.dtype, type(runner).__name__)
         return cls(runner, fmt, config, model_name=loaded.name)

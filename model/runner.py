@@ -105,7 +105,7 @@ def fast_path_unsupported_reason(model: Any) -> str | None:
 
 
 class FastLlamaRunner(Runner):
-    def __init__(self, model: Any, dtype: torch.dtype, device: str = "cpu"):
+    def __init__(self, model: Any, dtype: torch.dtype, device: str = "cpu", marker_ids: Sequence[int] = ()):
         reason = fast_path_unsupported_reason(model)
         assert reason is None, f"fast path not possible: {reason}"
         cfg = model.config
@@ -149,7 +149,8 @@ class FastLlamaRunner(Runner):
             self.embed = inner.embed_tokens.weight.detach().to(device=device, dtype=dtype)
             head = model.get_output_embeddings().weight
             self.lm_head = head.detach().to(device=device, dtype=dtype).contiguous()
-            self.lm_head_f32 = head.detach().float().to(device)  # exact rows for the two markers
+            # Exact fp32 rows for the decision markers; the full fp32 head is not kept (memory).
+            self._marker_rows = {int(t): head[int(t)].detach().float().to(device) for t in marker_ids}
         self._rotary = inner.rotary_emb
         self._cos = torch.empty(0, self.head_dim, device=device)
         self._sin = torch.empty(0, self.head_dim, device=device)
@@ -249,7 +250,7 @@ class FastLlamaRunner(Runner):
 
     @torch.inference_mode()
     def marker_logits(self, out: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
-        rows = self.lm_head_f32[torch.as_tensor(list(token_ids), device=self.device)]
+        rows = torch.stack([self._marker_rows.get(int(t), self.lm_head[int(t)].float()) for t in token_ids])
         return (rows @ out.float()).cpu()
 
     @torch.inference_mode()
@@ -284,8 +285,10 @@ class HFRunner(Runner):
 
     def crop(self, state: HFState, length: int) -> None:
         assert 0 <= length <= state.length, f"cannot crop {state.length} tokens to {length}"
-        if length < state.length:
-            state.cache.crop(length)
+        if length == 0:
+            state.cache = self.new_state().cache
+        elif length < state.length:
+            state.cache.crop(length - state.length)  # transformers 5: a negative count removes tokens
         state.length = length
 
     @torch.inference_mode()
@@ -304,9 +307,11 @@ class HFRunner(Runner):
         return out.cpu()
 
 
-def build_runner(model: Any, dtype: torch.dtype, device: str, prefer_fast: bool = True) -> Runner:
+def build_runner(
+    model: Any, dtype: torch.dtype, device: str, prefer_fast: bool = True, marker_ids: Sequence[int] = ()
+) -> Runner:
     reason = fast_path_unsupported_reason(model) if prefer_fast else "disabled"
     if reason is None:
-        return FastLlamaRunner(model, dtype=dtype, device=device)
+        return FastLlamaRunner(model, dtype=dtype, device=device, marker_ids=marker_ids)
     log.info("using the generic transformers runner (%s)", reason)
     return HFRunner(model, device=device)

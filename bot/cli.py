@@ -1,0 +1,333 @@
+"""The `chime` command line.
+
+    chime simulate [--script chat.txt] [--json]      the terminal simulator
+    chime eval FILE.jsonl [--json] [--details OUT]   score decisions on conversation files
+    chime bench decide|generate|memory [--json]      latency, reply speed and memory benchmarks
+    chime render FILE.jsonl [--index N]              show a rendered conversation, trained tokens marked
+
+Every command takes the engine settings (`--config chime.yaml`, `--model`, `--adapter`,
+`--threshold`, ...). Errors print as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from model.errors import ChimeError
+
+log = logging.getLogger(__name__)
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--config", help="YAML file of engine settings (EngineConfig fields)")
+    g.add_argument("--model", help="'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id or a directory")
+    g.add_argument("--adapter", help="PEFT adapter directory")
+    g.add_argument("--no-adapter", action="store_true", help="ignore any configured adapter")
+    g.add_argument("--threshold", type=float, help="respond when P(respond) >= this (talkativeness)")
+    g.add_argument("--bot-name", help="the bot's name (default Chime)")
+    g.add_argument("--device", help="auto, cpu or cuda[:N]")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weight matmul dtype")
+    g.add_argument("--load-in-4bit", action="store_true", default=None, help="bitsandbytes NF4 (CUDA only)")
+    g.add_argument("--max-context-tokens", type=int, help="history budget per channel")
+    g.add_argument("--max-new-tokens", type=int, help="longest reply")
+    g.add_argument("--temperature", type=float, help="sampling temperature (0: greedy)")
+    g.add_argument("--seed", type=int, help="sampling seed")
+    g.add_argument("--full-reencode", action="store_true", help="disable the incremental cache (the naive way)")
+    g.add_argument("--no-mention-override", action="store_true", help="@mentions do not force a reply")
+
+
+def _engine_config(args: argparse.Namespace) -> Any:
+    from model.config import EngineConfig, load_config
+
+    overrides = {
+        "model": args.model,
+        "adapter": args.adapter,
+        "threshold": args.threshold,
+        "bot_name": args.bot_name,
+        "device": args.device,
+        "dtype": args.dtype,
+        "load_in_4bit": args.load_in_4bit,
+        "max_context_tokens": args.max_context_tokens,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "incremental": False if args.full_reencode else None,
+        "always_answer_mentions": False if args.no_mention_override else None,
+    }
+    config = load_config(EngineConfig, args.config, overrides)
+    if args.no_adapter:
+        config.adapter = None
+    return config
+
+
+def _build_engine(args: argparse.Namespace) -> Any:
+    from model.engine import Engine
+
+    return Engine.from_config(_engine_config(args))
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from bot.simulator import run_interactive, run_script
+    from model.conversation import read_transcript
+
+    console = Console(stderr=args.json, highlight=False)
+    lines = read_transcript(args.script) if args.script else None
+    with console.status("loading the model…") if not args.json else _nullcontext():
+        engine = _build_engine(args)
+    if lines is not None:
+        run_script(engine, lines, as_json=args.json, out=sys.stdout, console=console)
+    else:
+        if not sys.stdin.isatty():
+            console.print("[yellow]stdin is not a terminal: reading messages line by line[/]")
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        run_interactive(engine, console)
+    return 0
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from model.conversation import read_conversations
+    from training.evaluate import evaluate, write_details
+
+    config = _engine_config(args)
+    conversations = read_conversations(args.file, default_bot_name=config.bot_name)
+    if args.limit is not None:
+        conversations = conversations[: args.limit]
+    from model.engine import Engine
+
+    engine = Engine.from_config(config)
+    total = sum(1 for _ in conversations)
+    with tqdm(total=total, unit="conv", desc="eval", file=sys.stderr, disable=args.quiet) as bar:
+        metrics, rows = evaluate(engine, conversations, generate=args.generate, progress=lambda n: bar.update(1))
+    metrics["file"] = str(args.file)
+    if args.details:
+        write_details(args.details, rows)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        _print_metrics(metrics)
+    return 0
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"chime eval · {metrics.get('file')}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        if key == "file":
+            continue
+        shown = f"{value:.3f}" if isinstance(value, float) else json.dumps(value) if isinstance(value, dict) else str(value)
+        table.add_row(key, shown)
+    Console().print(table)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "memory":
+        return _bench_memory(args)
+    from model import benchmark
+
+    engine = _build_engine(args)
+    if args.what == "decide":
+        history = [int(x) for x in args.history.split(",")]
+        result = benchmark.bench_decide(
+            engine,
+            history_tokens=history,
+            message_tokens=args.message_tokens,
+            repeats=args.repeats,
+            full_repeats=args.full_repeats,
+            progress=lambda s: print(f"bench decide: {s}", file=sys.stderr),
+        )
+        if args.plot:
+            _plot_decide(result, args.plot)
+            result["plot"] = args.plot
+    else:
+        result = benchmark.bench_generate(engine, new_tokens=args.new_tokens)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
+def _plot_decide(result: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    x = result["history_tokens"]
+    ax.plot(x, result["full_p50_ms"], "o-", label="full re-encode (naive)")
+    ax.plot(x, result["incremental_p50_ms"], "o-", label="incremental cache (Chime)")
+    for xi, yi, s in zip(x, result["incremental_p50_ms"], result["speedup"]):
+        ax.annotate(f"{s}×", (xi, yi), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("history (tokens)")
+    ax.set_ylabel(f"decision latency p50 (ms), {result['message_tokens']}-token message")
+    ax.set_title(f"{result['model']} · {result['runner']} · {result['dtype']} · {result['threads']} threads")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def _bench_memory(args: argparse.Namespace) -> int:
+    """Peak and final resident memory of a `chime simulate --script` process (polled with psutil)."""
+    import subprocess
+    import tempfile
+    import time
+
+    import psutil
+
+    from model.benchmark import _CHAT_LINES
+
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        for name, text in _CHAT_LINES:
+            f.write(f"{name}: {text}\n")
+        f.write("maria: @Chime can you summarise the plan for tonight?\n")
+        script = f.name
+    cmd = [sys.executable, "-m", "bot", "simulate", "--script", script, "--json"]
+    for flag in ("model", "adapter", "dtype", "config"):
+        value = getattr(args, flag)
+        if value:
+            cmd += [f"--{flag}", str(value)]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ps = psutil.Process(proc.pid)
+    peak = final = 0
+    while proc.poll() is None:
+        try:
+            final = ps.memory_info().rss
+            peak = max(peak, final)
+        except psutil.Error:
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    os.unlink(script)
+    if proc.returncode != 0:
+        raise ChimeError(f"simulate failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
+    result = {
+        "peak_rss_mb": round(peak / 2**20, 1),
+        "last_rss_mb": round(final / 2**20, 1),
+        "messages": len(out.strip().splitlines()),
+        "wall_s": round(time.perf_counter() - start, 1),
+        "command": " ".join(cmd[1:]),
+    }
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from model.chat_format import ChatFormat, show_loss_mask
+    from model.config import DEFAULT_MODEL
+    from model.conversation import read_conversations
+    from model.loading import load_tokenizer, prepare_default_model
+
+    config = _engine_config(args)
+    path = str(prepare_default_model()) if config.model == DEFAULT_MODEL else config.model
+    fmt = ChatFormat(load_tokenizer(path), max_message_chars=config.max_message_chars)
+    conversations = read_conversations(args.file, default_bot_name=config.bot_name)
+    if not 0 <= args.index < len(conversations):
+        raise ChimeError(f"--index must be between 0 and {len(conversations) - 1}")
+    rendered = fmt.render_conversation(conversations[args.index], bot_name=config.bot_name)
+    print(show_loss_mask(fmt, rendered))
+    trained = sum(rendered.loss_mask)
+    print(f"\n# {len(rendered.input_ids)} tokens, {trained} trained (inside ⟦ ⟧)", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chime", description="Chime: a group-chat bot with learned silence.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="terminal simulator of a multi-user chat")
+    p.add_argument("--script", help="replay a transcript: one 'Name: text' per line")
+    p.add_argument("--json", action="store_true", help="one JSON object per message (with --script)")
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("eval", help="score decisions on a conversation file")
+    p.add_argument("file", help="conversations in the shared JSONL format")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.add_argument("--limit", type=int, help="evaluate only the first N conversations")
+    p.add_argument("--details", help="write one JSON row per scored message to this file")
+    p.add_argument("--generate", action="store_true", help="also generate the replies where the bot speaks")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="benchmarks: decide, generate, memory")
+    p.add_argument("what", choices=["decide", "generate", "memory"])
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--history", default="0,500,1500,3000", help="history lengths in tokens (decide)")
+    p.add_argument("--message-tokens", type=int, default=30, help="size of the new message (decide)")
+    p.add_argument("--repeats", type=int, default=9, help="timed decisions per history length (decide)")
+    p.add_argument("--full-repeats", type=int, default=3, help="timed full re-encodes per history length")
+    p.add_argument("--new-tokens", type=int, default=64, help="reply tokens to generate (generate)")
+    p.add_argument("--plot", help="write a PNG plot of the decide curves here")
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("render", help="print a rendered conversation with the trained tokens marked")
+    p.add_argument("file")
+    p.add_argument("--index", type=int, default=0, help="which conversation of the file")
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_render)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    _quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except ChimeError as e:
+        print(f"chime: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

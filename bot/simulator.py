@@ -1,0 +1,130 @@
+"""The terminal simulator: a multi-user chat where you type as several people and watch Chime decide.
+
+    chime simulate                      interactive: type `alice: who's up for pizza?`
+    chime simulate --script chat.txt    replay a transcript (one `Name: text` per line)
+    chime simulate --script chat.txt --json
+
+After every message it shows what Chime decided, its probability of responding, the reply when it
+speaks, and how long the decision took.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable
+from typing import TextIO
+
+from rich.console import Console
+from rich.markup import escape
+
+from model.engine import Decision, Engine, IncomingMessage
+from model.errors import ChimeError
+
+CHANNEL = "simulator"
+# "alice: text" switches speaker; the colon must be followed by a space so URLs stay messages.
+_SPEAKER_RE = re.compile(r"^([^:\s/][^:]{0,31}):\s+(.*)$", re.DOTALL)
+
+HELP = """\
+Type a message as someone: [bold]alice: who's up for pizza?[/] (the first colon separates the name),
+or just type text to speak as the current speaker. Address the bot with [bold]@{bot}[/].
+Commands:
+  /as NAME        switch the current speaker
+  /threshold P    set talkativeness (respond when P(respond) >= P)
+  /history        show the conversation so far
+  /reset          start a new conversation
+  /help           this help
+  /quit           leave (Ctrl-D works too)"""
+
+
+def replay(engine: Engine, lines: Iterable[tuple[str, str]], channel: str = CHANNEL) -> Iterable[Decision]:
+    """Feed `(name, text)` messages through the engine, yielding each decision (with any reply)."""
+    for name, text in lines:
+        yield engine.handle(channel, IncomingMessage(name=name, content=text))
+
+
+def format_decision(d: Decision, bot_name: str) -> str:
+    """One or two lines of rich markup describing a decision."""
+    timing = f"{d.latency_ms:.0f} ms"
+    if d.decision == "silence":
+        return f"  [dim]{escape(bot_name)} · silent · p={d.p_respond:.2f} · {timing}[/]"
+    why = " · addressed" if d.addressed else ""
+    reply_time = f" (+{d.reply_ms:.0f} ms reply)" if d.reply_ms is not None else ""
+    head = f"  [cyan]{escape(bot_name)} · responds · p={d.p_respond:.2f}{why} · {timing}{reply_time}[/]"
+    body = d.response or ""
+    for call in d.tool_calls:
+        body += f"\n    [yellow]tool call[/] {escape(call.name)}({escape(json.dumps(call.arguments, ensure_ascii=False))})"
+    if not body.strip():
+        body = "[dim](empty reply)[/]"
+    return f"{head}\n  [bold cyan]{escape(bot_name)}:[/] {body if d.tool_calls else escape(body)}"
+
+
+def run_script(engine: Engine, lines: list[tuple[str, str]], as_json: bool, out: TextIO, console: Console) -> None:
+    for d in replay(engine, lines):
+        if as_json:
+            out.write(json.dumps(d.to_json(), ensure_ascii=False) + "\n")
+            out.flush()
+        else:
+            console.print(f"[bold]{escape(d.name)}:[/] {escape(d.content)}")
+            console.print(format_decision(d, engine.config.bot_name))
+
+
+def run_interactive(engine: Engine, console: Console, read: Callable[[str], str] = input) -> None:
+    bot = engine.config.bot_name
+    console.print(f"[bold]Chime simulator[/] · model {escape(engine.model_name)} · adapter {engine.adapter or 'none'} · "
+                  f"threshold {engine.config.threshold:.2f}")
+    console.print(HELP.format(bot=escape(bot)))
+    speaker = "alice"
+    history: list[str] = []
+    while True:
+        try:
+            line = read(f"[{speaker}] > ")
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line[1:].partition(" ")
+            arg = arg.strip()
+            if cmd in ("quit", "exit", "q"):
+                return
+            if cmd == "help":
+                console.print(HELP.format(bot=escape(bot)))
+            elif cmd == "as" and arg:
+                speaker = arg
+                console.print(f"  [dim]now speaking as {escape(speaker)}[/]")
+            elif cmd == "threshold":
+                try:
+                    value = float(arg)
+                    if not 0 <= value <= 1:
+                        raise ValueError
+                except ValueError:
+                    console.print("  [red]usage: /threshold P with P between 0 and 1[/]")
+                    continue
+                engine.config.threshold = value
+                console.print(f"  [dim]threshold set to {value:.2f}[/]")
+            elif cmd == "reset":
+                engine.reset(CHANNEL)
+                history.clear()
+                console.print("  [dim]new conversation[/]")
+            elif cmd == "history":
+                console.print("\n".join(history) or "  [dim](empty)[/]")
+            else:
+                console.print(f"  [red]unknown command /{escape(cmd)}; /help lists them[/]")
+            continue
+        name, text = speaker, line
+        match = _SPEAKER_RE.match(line)
+        if match:
+            name, text = match.group(1).strip(), match.group(2)
+            speaker = name
+        try:
+            d = next(iter(replay(engine, [(name, text)])))
+        except ChimeError as e:
+            console.print(f"  [red]error: {escape(str(e))}[/]")
+            continue
+        history.append(f"{name}: {text}")
+        if d.decision == "respond":
+            history.append(f"{bot}: {d.response or ''}")
+        console.print(format_decision(d, bot))

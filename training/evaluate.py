@@ -1,0 +1,231 @@
+"""Evaluation: replay conversation files and score when the bot speaks.
+
+Every scored human message is decided exactly as the live bot would: the engine sees only the
+messages before it, with the bot's own earlier turns as they are in the file (not its own earlier
+decisions), and the incremental cache makes each decision cost only the new tokens. Replies are not
+generated unless asked (`generate=True`); where the file expects tool calls, a short generation asks
+the model for the call so that `tool_call_accuracy` can be scored.
+
+Run it as `chime eval conversations/dev.jsonl --json`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model.chat_format import BotTurn
+from model.conversation import Conversation, ToolCall, scored_messages
+from model.engine import Engine, IncomingMessage
+
+TOOL_CALL_MAX_NEW_TOKENS = 96
+
+
+@dataclass
+class EvalRow:
+    conversation_id: str | None
+    index: int
+    name: str
+    content: str
+    expected: str
+    decision: str
+    p_respond: float
+    addressed: bool
+    names_bot: bool
+    latency_ms: float
+    expected_tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    predicted_tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    tool_calls_matched: int = 0
+    response: str | None = None
+
+
+def names_bot(text: str, bot_name: str) -> bool:
+    """True when the message contains the bot's name as a word (with or without @)."""
+    return re.search(r"(?<!\w)@?" + re.escape(bot_name.strip()) + r"(?!\w)", text, re.IGNORECASE) is not None
+
+
+def _canonical(value: Any) -> Any:
+    """Arguments compared by value: 12 == 12.0, key order ignored, strings trimmed."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def count_matching_calls(expected: Sequence[ToolCall], predicted: Sequence[ToolCall]) -> int:
+    """How many expected calls the prediction reproduces (same name and arguments; each used once)."""
+    unused = [(c.name, json.dumps(_canonical(c.arguments), sort_keys=True)) for c in predicted]
+    matched = 0
+    for call in expected:
+        key = (call.name, json.dumps(_canonical(call.arguments), sort_keys=True))
+        if key in unused:
+            unused.remove(key)
+            matched += 1
+    return matched
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return None if den == 0 else num / den
+
+
+def _f1(precision: float | None, recall: float | None) -> float | None:
+    if precision is None or recall is None:
+        return None
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def roc_auc(labels: Sequence[bool], scores: Sequence[float]) -> float | None:
+    """Area under the ROC curve (Mann-Whitney U with tied ranks averaged); None with one class."""
+    pos = sum(labels)
+    neg = len(labels) - pos
+    if pos == 0 or neg == 0:
+        return None
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    rank_sum = sum(r for r, y in zip(ranks, labels) if y)
+    return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
+
+
+def compute_metrics(rows: Sequence[EvalRow]) -> dict[str, Any]:
+    """Decision metrics with "respond" as the positive class. Undefined ratios are None."""
+    tp = sum(r.expected == "respond" and r.decision == "respond" for r in rows)
+    fp = sum(r.expected == "silence" and r.decision == "respond" for r in rows)
+    fn = sum(r.expected == "respond" and r.decision == "silence" for r in rows)
+    tn = sum(r.expected == "silence" and r.decision == "silence" for r in rows)
+    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    s_precision, s_recall = _ratio(tn, tn + fn), _ratio(tn, tn + fp)
+    respond_f1, silence_f1 = _f1(precision, recall), _f1(s_precision, s_recall)
+    named = [r for r in rows if r.expected == "respond" and r.names_bot]
+    expected_calls = sum(len(r.expected_tool_calls) for r in rows)
+    matched_calls = sum(r.tool_calls_matched for r in rows)
+    macro = None if respond_f1 is None or silence_f1 is None else (respond_f1 + silence_f1) / 2
+    return {
+        "n_scored": len(rows),
+        "n_expected_respond": tp + fn,
+        "n_expected_silence": tn + fp,
+        "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
+        "accuracy": _ratio(tp + tn, len(rows)),
+        "respond_precision": precision,
+        "respond_recall": recall,
+        "respond_f1": respond_f1,
+        "silence_precision": s_precision,
+        "silence_recall": s_recall,
+        "silence_f1": silence_f1,
+        "macro_f1": macro,
+        "false_interruption_rate": _ratio(fp, fp + tn),
+        "missed_intervention_rate": _ratio(fn, tp + fn),
+        "addressed_recall": _ratio(sum(r.decision == "respond" for r in named), len(named)),
+        "n_addressed": len(named),
+        "tool_call_accuracy": _ratio(matched_calls, expected_calls),
+        "n_expected_tool_calls": expected_calls,
+        "roc_auc": roc_auc([r.expected == "respond" for r in rows], [r.p_respond for r in rows]),
+    }
+
+
+def evaluate_conversation(engine: Engine, conv: Conversation, generate: bool = False) -> list[EvalRow]:
+    """Replay one conversation through a fresh channel and return a row per scored message."""
+    channel_id = f"eval:{conv.id}:{uuid.uuid4().hex[:8]}"
+    bot_name = conv.bot_name or engine.config.bot_name
+    engine.channel(channel_id, bot_name=bot_name, tools=conv.tools)
+    scored = {s.index: s for s in scored_messages(conv)}
+    rows: list[EvalRow] = []
+    try:
+        for i, msg in enumerate(conv.messages):
+            if msg.role != "user":
+                engine.add_message(channel_id, msg)
+                continue
+            bot_follows = i + 1 < len(conv.messages) and conv.messages[i + 1].role == "assistant"
+            target = scored.get(i)
+            if target is None:
+                engine.add_human(channel_id, msg.name or "", msg.content)
+            else:
+                d = engine.decide(channel_id, IncomingMessage(msg.name or "", msg.content))
+                row = EvalRow(
+                    conversation_id=conv.id,
+                    index=i,
+                    name=msg.name or "",
+                    content=msg.content,
+                    expected=target.expected,
+                    decision=d.decision,
+                    p_respond=d.p_respond,
+                    addressed=d.addressed,
+                    names_bot=names_bot(msg.content, bot_name),
+                    latency_ms=d.latency_ms,
+                    expected_tool_calls=[c.to_dict() for c in target.expected_tool_calls],
+                )
+                wants_calls = bool(target.expected_tool_calls)
+                if wants_calls or (generate and d.decision == "respond"):
+                    reply = engine.generate(
+                        channel_id, max_new_tokens=None if generate else TOOL_CALL_MAX_NEW_TOKENS
+                    )
+                    row.predicted_tool_calls = [c.to_dict() for c in reply.tool_calls]
+                    row.tool_calls_matched = count_matching_calls(target.expected_tool_calls, reply.tool_calls)
+                    if generate and d.decision == "respond":
+                        row.response = reply.text
+                rows.append(row)
+            if not bot_follows:
+                engine.commit(channel_id, BotTurn(kind="silence"))
+    finally:
+        engine.reset(channel_id)
+    return rows
+
+
+def evaluate(
+    engine: Engine,
+    conversations: Iterable[Conversation],
+    generate: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict[str, Any], list[EvalRow]]:
+    """Evaluate every conversation; returns (metrics, rows). `progress(n)` is called with rows added."""
+    start = time.perf_counter()
+    rows: list[EvalRow] = []
+    n_conv = 0
+    for conv in conversations:
+        new = evaluate_conversation(engine, conv, generate=generate)
+        rows.extend(new)
+        n_conv += 1
+        if progress is not None:
+            progress(len(new))
+    elapsed = time.perf_counter() - start
+    metrics = compute_metrics(rows)
+    latencies = sorted(r.latency_ms for r in rows)
+    metrics.update(
+        {
+            "n_conversations": n_conv,
+            "threshold": engine.config.threshold,
+            "model": engine.model_name,
+            "adapter": engine.adapter,
+            "elapsed_s": round(elapsed, 2),
+            "decision_p50_ms": round(latencies[len(latencies) // 2], 2) if latencies else None,
+        }
+    )
+    return metrics, rows
+
+
+def write_details(path: str | Path, rows: Iterable[EvalRow]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
