@@ -442,7 +442,7 @@ def show_loss_mask(fmt: ChatFormat, rendered: RenderedConversation) -> str:
     pieces: list[str] = []
     run: list[int] = []
     trained_run = False
-    for tok, trained in zip(rendered.input_ids + [-1], rendered.loss_mask + [not trained_run]):
+    for tok, trained in zip(rendered.input_ids + [-1], rendered.loss_mask + [not trained_run], strict=True):
         if tok != -1 and trained == trained_run:
             run.append(tok)
             continue

@@ -150,7 +150,9 @@ def conversation_from_json(raw: Any, where: str = "conversation", default_bot_na
     if not isinstance(messages_raw, list):
         raise ConversationFormatError(f"{where}: 'messages' must be a list")
     messages = [message_from_dict(m, f"{where}: messages[{i}]") for i, m in enumerate(messages_raw)]
-    bot_name = raw.get("bot_name", default_bot_name)
+    bot_name = raw.get("bot_name")
+    if bot_name is None:
+        bot_name = default_bot_name
     if bot_name is not None and (not isinstance(bot_name, str) or not bot_name.strip()):
         raise ConversationFormatError(f"{where}: bot_name must be a non-empty string")
     tools = [_tool_schema(t, f"{where}: tools[{i}]") for i, t in enumerate(raw.get("tools") or [])]
