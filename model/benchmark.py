@@ -79,10 +79,11 @@ def build_history(engine: Engine, channel_id: str, tokens: int) -> int:
 
 def _time_decisions(engine: Engine, channel_id: str, message: str, repeats: int) -> list[float]:
     ch = engine.channel(channel_id)
-    # Warm the cache as a live channel would be: the history is already encoded, and the previous
-    # bot turn's tail is the only thing pending.
+    # Warm the cache as a live channel is: the history, the last bot turn and the next user turn's
+    # header are already encoded (`Engine.prefill`); the decision pays for the message itself.
     engine.decide(channel_id, IncomingMessage("maria", "ok"))
     engine.commit(channel_id, BotTurn(kind="silence"))
+    engine.prefill(channel_id)  # what `handle` does after every turn
     mark = len(ch.turns)
     cached = len(ch.cache_ids)
     times = []

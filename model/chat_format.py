@@ -35,6 +35,7 @@ marker.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -359,6 +360,13 @@ class ChatFormat:
 
     def tool_ids(self, name: str, content: str) -> list[int]:
         return self.encode(self.tool_segment(name, content))
+
+    @functools.cached_property
+    def human_header_ids(self) -> list[int]:
+        """The fixed start of every human turn (e.g. "<|im_start|>user\n"), for idle-time prefill."""
+        probe = self.encode(self._user_pre + "x: y" + self._user_post)
+        head = self.encode(self._user_pre)
+        return head if probe[: len(head)] == head else []
 
     @property
     def bot_header_ids(self) -> list[int]:

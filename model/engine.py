@@ -4,7 +4,8 @@ Per channel the engine keeps the rendered history (system header, human turns, b
 results) as token ids, and the runner's key/value cache of a prefix of it. Each forward pass first
 finds how much of the cache still matches the history (everything except what changed since the
 last call), crops the rest, and runs only the new tokens: a decision costs the new message's tokens
-plus the few tokens of the previous bot turn, not the whole history. With `incremental=False` every
+plus the few tokens of the previous bot turn, not the whole history; `prefill` (called by `handle`
+after each turn) runs even those ahead of time. With `incremental=False` every
 decision re-encodes the whole window instead (the naive way; used as the benchmark baseline and in
 tests that check both give the same result).
 
@@ -273,6 +274,26 @@ class Engine:
         ch.cache_ids = target
         return out, len(new)
 
+    def prefill(self, channel_id: str) -> int:
+        """Idle-time work after a bot turn: encode its tail and the next user turn's header now.
+
+        The next message is most likely a human one, so its fixed prefix (e.g. "<|im_start|>user\n")
+        is run too; if something else comes, the cache check simply discards it. Returns the number of
+        tokens run. `handle` calls this after committing, so a decision only pays for the message.
+        """
+        with self._lock:
+            ch = self.channel(channel_id)
+            if ch.awaiting_bot_turn or not self.config.incremental:
+                return 0
+            target = ch.window_ids() + self.fmt.human_header_ids
+            keep = _common_prefix(ch.cache_ids, target)
+            if keep == len(target):
+                return 0
+            self.runner.crop(ch.state, keep)
+            self.runner.extend(ch.state, target[keep:])
+            ch.cache_ids = target
+            return len(target) - keep
+
     def decide(self, channel_id: str, msg: IncomingMessage) -> Decision:
         """Add the message and decide whether to respond; generates nothing."""
         with self._lock:
@@ -356,4 +377,5 @@ class Engine:
                 self.commit(channel_id, BotTurn(kind="response", text=reply.text, tool_calls=tuple(reply.tool_calls)))
             else:
                 self.commit(channel_id, BotTurn(kind="silence"))
+            self.prefill(channel_id)
             return d

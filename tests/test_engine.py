@@ -28,6 +28,16 @@ def _replay(engine: Engine, channel: str, messages: list[tuple[str, str]]) -> li
     return [engine.handle(channel, IncomingMessage(n, t)).p_respond for n, t in messages]
 
 
+def _decide_all(engine: Engine, channel: str, messages: list[tuple[str, str]]) -> list[float]:
+    """P(respond) for each message with the same history everywhere: each decision is followed by silence."""
+    out = []
+    for name, text in messages:
+        out.append(engine.decide(channel, IncomingMessage(name, text)).p_respond)
+        engine.commit(channel, BotTurn(kind="silence"))
+        engine.prefill(channel)
+    return out
+
+
 def test_incremental_matches_full_reencode(tiny_engine_factory) -> None:
     inc = tiny_engine_factory(incremental=True, threshold=0.5)
     full = tiny_engine_factory(incremental=False, threshold=0.5)
@@ -200,14 +210,7 @@ def test_bfloat16_weights_stay_close_to_fp32(tiny_engine_factory) -> None:
     fp32 = tiny_engine_factory(dtype="float32")
     bf16 = tiny_engine_factory(dtype="bfloat16")
     assert bf16.runner.dtype == torch.bfloat16
-    def probabilities(engine: Engine) -> list[float]:
-        out = []
-        for name, text in CHAT:  # same history for both: every decision is followed by silence
-            out.append(engine.decide("c", IncomingMessage(name, text)).p_respond)
-            engine.commit("c", BotTurn(kind="silence"))
-        return out
-
-    assert probabilities(bf16) == pytest.approx(probabilities(fp32), abs=0.05)
+    assert _decide_all(bf16, "c", CHAT) == pytest.approx(_decide_all(fp32, "c", CHAT), abs=0.05)
 
 
 def test_decision_json_has_the_documented_fields(tiny_engine_factory) -> None:
@@ -227,3 +230,37 @@ def test_uncommitted_decision_counts_as_silence(tiny_engine_factory) -> None:
     assert kinds == ["human", "bot", "human"]
     silence = engine.fmt.bot_turn_ids(BotTurn(kind="silence")).ids
     assert engine.channel("c").turns[1].ids == silence
+
+
+def test_prefill_runs_idle_work_ahead_and_changes_nothing(tiny_engine_factory) -> None:
+    """`handle` prefills the bot turn's tail and the next user header; decisions stay exact."""
+    inc = tiny_engine_factory()
+    full = tiny_engine_factory(incremental=False)
+    for name, text in CHAT[:3]:
+        inc.handle("c", IncomingMessage(name, text))
+        full.handle("c", IncomingMessage(name, text))
+    ch = inc.channel("c")
+    assert ch.cache_ids[-len(inc.fmt.human_header_ids) :] == inc.fmt.human_header_ids
+    assert inc.prefill("c") == 0, "nothing left to do"
+    d = inc.decide("c", IncomingMessage("zoe", "hi all"))
+    n_message = len(inc.fmt.human_ids("zoe", "hi all"))
+    expected = n_message - len(inc.fmt.human_header_ids) + len(inc.fmt.bot_header_ids) + len(inc.fmt.decision_prefix_ids)
+    assert d.forward_tokens == expected
+    assert d.p_respond == pytest.approx(full.decide("c", IncomingMessage("zoe", "hi all")).p_respond, abs=1e-5)
+    # A tool result instead of a human message: the prefilled header is discarded, still exact.
+    inc.commit("c", BotTurn(kind="response", tool_calls=(ToolCall("calc", {"x": 1}),)))
+    full.commit("c", BotTurn(kind="response", tool_calls=(ToolCall("calc", {"x": 1}),)))
+    inc.prefill("c")
+    for engine in (inc, full):
+        engine.add_message("c", Message(role="tool", name="calc", content="1"))
+        engine.commit("c", BotTurn(kind="response", text="one"))
+    assert inc.decide("c", IncomingMessage("bob", "ok")).p_respond == pytest.approx(
+        full.decide("c", IncomingMessage("bob", "ok")).p_respond, abs=1e-5
+    )
+
+
+def test_bf16_incremental_matches_bf16_full(tiny_engine_factory) -> None:
+    """The bf16 path (bmm attention on CPU) caches exactly like its own full re-encode."""
+    inc = tiny_engine_factory(dtype="bfloat16")
+    full = tiny_engine_factory(dtype="bfloat16", incremental=False)
+    assert _decide_all(inc, "c", CHAT) == pytest.approx(_decide_all(full, "c", CHAT), abs=0.05)
