@@ -220,7 +220,7 @@ def _bench_memory(args: argparse.Namespace) -> int:
             f.write(f"{name}: {text}\n")
         f.write("maria: @Chime can you summarise the plan for tonight?\n")
         script = f.name
-    cmd = [sys.executable, "-m", "bot", "simulate", "--script", script, "--json"]
+    cmd = [sys.executable, "-m", "bot", "simulate", "--script", script, "--json", "--seed", str(args.seed or 0)]
     for flag in ("model", "adapter", "dtype", "config"):
         value = getattr(args, flag)
         if value:
@@ -231,10 +231,12 @@ def _bench_memory(args: argparse.Namespace) -> int:
     peak = final = 0
     while proc.poll() is None:
         try:
-            final = ps.memory_info().rss
-            peak = max(peak, final)
+            rss = ps.memory_info().rss
         except psutil.Error:
             break
+        if rss:  # a finished (zombie) process reports 0
+            final = rss
+            peak = max(peak, rss)
         time.sleep(0.05)
     out, err = proc.communicate()
     os.unlink(script)

@@ -42,7 +42,7 @@ import torch
 from model.chat_format import BotTurn, ChatFormat, parse_reply
 from model.config import EngineConfig
 from model.conversation import Message, ToolCall
-from model.loading import LoadedModel, load_model
+from model.loading import LoadedModel, load_model, release_memory
 from model.runner import Runner, build_runner
 
 log = logging.getLogger(__name__)
@@ -166,10 +166,14 @@ class Engine:
             dtype=loaded.dtype,
             device=loaded.device,
             marker_ids=[fmt.silence_token_id, fmt.response_token_id],
+            consume=True,
         )
         log.info("engine ready: %s (adapter %s) on %s, %s, runner %s", loaded.name, loaded.adapter,
                  loaded.device, loaded.dtype, type(runner).__name__)
-        return cls(runner, fmt, config, model_name=loaded.name)
+        name = loaded.name
+        del loaded  # the fast runner holds its own (fused) weights; the module tree can go
+        release_memory()
+        return cls(runner, fmt, config, model_name=name)
 
     # ------------------------------------------------------------------ channels
 
@@ -333,7 +337,7 @@ class Engine:
             out, _ = self._forward(ch, header)
             generated: list[int] = []
             while len(generated) < limit:
-                logits = self.runner.next_logits(out)
+                logits = self.runner.next_logits(out).clone()
                 if len(generated) < min_new_tokens:
                     logits[list(self.fmt.stop_ids)] = -float("inf")
                 token = self._sample(logits)

@@ -106,7 +106,11 @@ def fast_path_unsupported_reason(model: Any) -> str | None:
 
 
 class FastLlamaRunner(Runner):
-    def __init__(self, model: Any, dtype: torch.dtype, device: str = "cpu", marker_ids: Sequence[int] = ()):
+    def __init__(
+        self, model: Any, dtype: torch.dtype, device: str = "cpu", marker_ids: Sequence[int] = (), consume: bool = False
+    ):
+        """`consume=True` frees the model's projection weights as they are fused (lower peak memory);
+        the model must not be used afterwards."""
         reason = fast_path_unsupported_reason(model)
         assert reason is None, f"fast path not possible: {reason}"
         cfg = model.config
@@ -150,12 +154,15 @@ class FastLlamaRunner(Runner):
                         wd=w(mlp.down_proj.weight),
                     )
                 )
+                if consume:  # the fused copies replace these
+                    for lin in (a.q_proj, a.k_proj, a.v_proj, mlp.gate_proj, mlp.up_proj):
+                        lin.weight = None
             self.norm = inner.norm.weight.detach().float().to(device)
             self.embed = inner.embed_tokens.weight.detach().to(device=device, dtype=dtype)
             head = model.get_output_embeddings().weight
             self.lm_head = head.detach().to(device=device, dtype=dtype).contiguous()
-            # Exact fp32 rows for the decision markers; the full fp32 head is not kept (memory).
-            self._marker_rows = {int(t): head[int(t)].detach().float().to(device) for t in marker_ids}
+            # fp32 rows for the decision markers (cloned: a view would keep the whole head alive).
+            self._marker_rows = {int(t): head[int(t)].detach().float().clone().to(device) for t in marker_ids}
         self._rotary = inner.rotary_emb
         self._cos = torch.empty(0, self.head_dim, device=device)
         self._sin = torch.empty(0, self.head_dim, device=device)
@@ -332,10 +339,15 @@ class HFRunner(Runner):
 
 
 def build_runner(
-    model: Any, dtype: torch.dtype, device: str, prefer_fast: bool = True, marker_ids: Sequence[int] = ()
+    model: Any,
+    dtype: torch.dtype,
+    device: str,
+    prefer_fast: bool = True,
+    marker_ids: Sequence[int] = (),
+    consume: bool = False,
 ) -> Runner:
     reason = fast_path_unsupported_reason(model) if prefer_fast else "disabled"
     if reason is None:
-        return FastLlamaRunner(model, dtype=dtype, device=device, marker_ids=marker_ids)
+        return FastLlamaRunner(model, dtype=dtype, device=device, marker_ids=marker_ids, consume=consume)
     log.info("using the generic transformers runner (%s)", reason)
     return HFRunner(model, device=device)
