@@ -192,7 +192,7 @@ def _plot_decide(result: dict[str, Any], path: str) -> None:
     x = result["history_tokens"]
     ax.plot(x, result["full_p50_ms"], "o-", label="full re-encode (naive)")
     ax.plot(x, result["incremental_p50_ms"], "o-", label="incremental cache (Chime)")
-    for xi, yi, s in zip(x, result["incremental_p50_ms"], result["speedup"]):
+    for xi, yi, s in zip(x, result["incremental_p50_ms"], result["speedup"], strict=True):
         ax.annotate(f"{s}×", (xi, yi), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
     ax.set_yscale("log")
     ax.set_xlabel("history (tokens)")

@@ -101,7 +101,7 @@ def test_channels_do_not_mix(tiny_engine_factory) -> None:
     a_msgs = CHAT[:4]
     b_msgs = [("xena", "did the build pass?"), ("yuri", "no, the linter failed"), ("xena", "ugh")] + CHAT[4:5]
     p_shared_a, p_shared_b = [], []
-    for (na, ta), (nb, tb) in zip(a_msgs, b_msgs):
+    for (na, ta), (nb, tb) in zip(a_msgs, b_msgs, strict=True):
         p_shared_a.append(shared.handle("a", IncomingMessage(na, ta)).p_respond)
         p_shared_b.append(shared.handle("b", IncomingMessage(nb, tb)).p_respond)
     assert p_shared_a == pytest.approx(_replay(alone_a, "a", a_msgs), abs=1e-5)
@@ -264,3 +264,31 @@ def test_bf16_incremental_matches_bf16_full(tiny_engine_factory) -> None:
     inc = tiny_engine_factory(dtype="bfloat16")
     full = tiny_engine_factory(dtype="bfloat16", incremental=False)
     assert _decide_all(inc, "c", CHAT) == pytest.approx(_decide_all(full, "c", CHAT), abs=0.05)
+
+
+def test_peft_adapter_loads_and_changes_decisions(tiny_engine_factory, tiny_model_dir, tmp_path) -> None:
+    """A LoRA adapter on the base model is loaded (merged) by `--adapter` and changes P(respond)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    adapter_dir = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter_dir)
+    plain = tiny_engine_factory()
+    adapted = tiny_engine_factory(adapter=str(adapter_dir))
+    assert isinstance(adapted.runner, FastLlamaRunner), "the adapter is merged, so the fast path stays"
+    assert adapted.adapter == str(adapter_dir)
+    p_plain = _decide_all(plain, "c", CHAT[:3])
+    p_adapted = _decide_all(adapted, "c", CHAT[:3])
+    assert max(abs(a - b) for a, b in zip(p_plain, p_adapted, strict=True)) > 1e-3
+
+
+def test_bad_adapter_and_4bit_on_cpu_are_clear_errors(tiny_engine_factory, tmp_path) -> None:
+    from model.errors import ConfigError, ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="adapter_config.json"):
+        tiny_engine_factory(adapter=str(tmp_path))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA"):
+            tiny_engine_factory(load_in_4bit=True)

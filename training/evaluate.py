@@ -103,7 +103,7 @@ def roc_auc(labels: Sequence[bool], scores: Sequence[float]) -> float | None:
         for k in range(i, j + 1):
             ranks[order[k]] = (i + j) / 2 + 1
         i = j + 1
-    rank_sum = sum(r for r, y in zip(ranks, labels) if y)
+    rank_sum = sum(r for r, y in zip(ranks, labels, strict=True) if y)
     return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
 
 
