@@ -12,6 +12,7 @@ Every command takes the engine settings (`--config chime.yaml`, `--model`, `--ad
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -93,7 +94,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     console = Console(stderr=args.json, highlight=False)
     lines = read_transcript(args.script) if args.script else None
-    with console.status("loading the model…") if not args.json else _nullcontext():
+    with console.status("loading the model…") if not args.json else contextlib.nullcontext():
         engine = _build_engine(args)
     if lines is not None:
         run_script(engine, lines, as_json=args.json, out=sys.stdout, console=console)
@@ -106,14 +107,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             pass
         run_interactive(engine, console)
     return 0
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -129,8 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from model.engine import Engine
 
     engine = Engine.from_config(config)
-    total = sum(1 for _ in conversations)
-    with tqdm(total=total, unit="conv", desc="eval", file=sys.stderr, disable=args.quiet) as bar:
+    with tqdm(total=len(conversations), unit="conv", desc="eval", file=sys.stderr, disable=args.quiet) as bar:
         metrics, rows = evaluate(engine, conversations, generate=args.generate, progress=lambda n: bar.update(1))
     metrics["file"] = str(args.file)
     if args.details:

@@ -7,5 +7,5 @@ import os
 
 # oneDNN caches a primitive (with scratch memory) per matmul shape; while generating, every token
 # has a new key length, so the default 1,024-entry cache grows the process by hundreds of MB.
-# 64 entries keep the simulator under 1.2 GB at ~5% of generation speed (BENCHMARKS.md).
+# 64 entries keep the simulator near 1.2 GB peak (was 1.6 GB) for ~5% of generation speed (BENCHMARKS.md).
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")

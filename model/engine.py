@@ -165,7 +165,6 @@ class Engine:
             loaded.model,
             dtype=loaded.dtype,
             device=loaded.device,
-            marker_ids=[fmt.silence_token_id, fmt.response_token_id],
             consume=True,
         )
         log.info("engine ready: %s (adapter %s) on %s, %s, runner %s", loaded.name, loaded.adapter,
@@ -264,19 +263,27 @@ class Engine:
 
     # ------------------------------------------------------------------ forward passes
 
+    def _sync(self, ch: Channel, target: list[int], need_output: bool) -> tuple[torch.Tensor | None, int]:
+        """Make the cache hold exactly `target`, running only what it lacks; returns (output, tokens run).
+
+        The cache keeps its longest prefix shared with `target` (everything with `incremental=False`
+        is re-run). With `need_output`, at least the last token is run so there is an output.
+        """
+        keep = _common_prefix(ch.cache_ids, target) if self.config.incremental else 0
+        if need_output:
+            keep = min(keep, len(target) - 1)
+        if keep == len(target):
+            return None, 0
+        self.runner.crop(ch.state, keep)
+        out = self.runner.extend(ch.state, target[keep:])
+        ch.cache_ids = target
+        return out, len(target) - keep
+
     def _forward(self, ch: Channel, extra: Sequence[int]) -> tuple[torch.Tensor, int]:
         """Bring the cache to history + `extra` and return the last position's output."""
-        target = ch.window_ids() + list(extra)
-        if self.config.incremental:
-            keep = _common_prefix(ch.cache_ids, target)
-            keep = min(keep, len(target) - 1)  # always run at least one token to get an output
-        else:
-            keep = 0
-        self.runner.crop(ch.state, keep)
-        new = target[keep:]
-        out = self.runner.extend(ch.state, new)
-        ch.cache_ids = target
-        return out, len(new)
+        out, n = self._sync(ch, ch.window_ids() + list(extra), need_output=True)
+        assert out is not None
+        return out, n
 
     def prefill(self, channel_id: str) -> int:
         """Idle-time work after a bot turn: encode its tail and the next user turn's header now.
@@ -289,14 +296,8 @@ class Engine:
             ch = self.channel(channel_id)
             if ch.awaiting_bot_turn or not self.config.incremental:
                 return 0
-            target = ch.window_ids() + self.fmt.human_header_ids
-            keep = _common_prefix(ch.cache_ids, target)
-            if keep == len(target):
-                return 0
-            self.runner.crop(ch.state, keep)
-            self.runner.extend(ch.state, target[keep:])
-            ch.cache_ids = target
-            return len(target) - keep
+            _, n = self._sync(ch, ch.window_ids() + self.fmt.human_header_ids, need_output=False)
+            return n
 
     def decide(self, channel_id: str, msg: IncomingMessage) -> Decision:
         """Add the message and decide whether to respond; generates nothing."""

@@ -6,14 +6,16 @@ Two runners share one interface (`new_state`, `extend`, `crop`, `marker_logits`,
   default SmolLM2 is one). It fuses q/k/v and gate/up projections, keeps each channel's keys and
   values in preallocated buffers that grow by doubling (no per-step concatenation), multiplies
   weights in the compute dtype (bf16 where the hardware has it) while keeping the residual stream,
-  attention and cache in fp32 on CPU, and computes only the logits it needs: two rows of the output
-  embedding for a decision, the full vocabulary only while generating. On the 2-core CPU this makes
-  a 30-token step with 1,500 tokens of history ~2x faster than plain transformers at fp32 and ~4x
-  with bf16 weights (BENCHMARKS.md).
+  norms and softmax in fp32 (cache and attention matmuls in bf16 with bf16 weights, fp32 otherwise),
+  and computes only the logits it needs: two rows of the output embedding for a decision, the full
+  vocabulary only while generating. On the 2-core CPU this makes
+  a 30-token step with 1,500 tokens of history ~3x faster than plain transformers at fp32
+  (BENCHMARKS.md).
 - `HFRunner` for everything else (other architectures, 4-bit bitsandbytes models, unmerged
   adapters): the model's own forward with a `DynamicCache`.
 
-Both compute exactly what a full re-encode computes (tested): the cache only saves work.
+Both compute what a full re-encode computes (tested: to 1e-5 in fp32; in bf16 the short-step and
+prefill attention kernels round differently, by up to ~0.03 in P(respond)): the cache only saves work.
 """
 
 from __future__ import annotations
@@ -106,9 +108,7 @@ def fast_path_unsupported_reason(model: Any) -> str | None:
 
 
 class FastLlamaRunner(Runner):
-    def __init__(
-        self, model: Any, dtype: torch.dtype, device: str = "cpu", marker_ids: Sequence[int] = (), consume: bool = False
-    ):
+    def __init__(self, model: Any, dtype: torch.dtype, device: str = "cpu", consume: bool = False):
         """`consume=True` frees the model's projection weights as they are fused (lower peak memory);
         the model must not be used afterwards."""
         reason = fast_path_unsupported_reason(model)
@@ -161,8 +161,6 @@ class FastLlamaRunner(Runner):
             self.embed = inner.embed_tokens.weight.detach().to(device=device, dtype=dtype)
             head = model.get_output_embeddings().weight
             self.lm_head = head.detach().to(device=device, dtype=dtype).contiguous()
-            # fp32 rows for the decision markers (cloned: a view would keep the whole head alive).
-            self._marker_rows = {int(t): head[int(t)].detach().float().clone().to(device) for t in marker_ids}
         self._rotary = inner.rotary_emb
         self._cos = torch.empty(0, self.head_dim, device=device)
         self._sin = torch.empty(0, self.head_dim, device=device)
@@ -225,12 +223,19 @@ class FastLlamaRunner(Runner):
         H, KV, D, dt = self.n_heads, self.n_kv, self.head_dim, self.dtype
         idx = torch.as_tensor(list(ids), dtype=torch.long, device=self.device)
         x = self.embed[idx].float()
+        # The masks are the same for every layer: build once. The bmm path masks only the new
+        # block (the past is fully visible); SDPA takes a full [T, n] mask, or its own causal
+        # mask when the cache was empty (q_len == kv_len, top-left alignment is then right).
+        use_bmm = self.bmm_attention and T <= BMM_ATTENTION_MAX_QUERIES
         mask: torch.Tensor | None = None
         causal = False
-        if p == 0 and T > 1:
-            causal = True  # q_len == kv_len: the top-left causal mask is the right one
-        elif T > 1:
-            mask = torch.ones(T, n, dtype=torch.bool, device=self.device).tril_(p)[None, None]
+        if T > 1:
+            if use_bmm:
+                mask = torch.ones(T, T, dtype=torch.bool, device=self.device).triu_(1)
+            elif p == 0:
+                causal = True
+            else:
+                mask = torch.ones(T, n, dtype=torch.bool, device=self.device).tril_(p)[None, None]
         for i, ly in enumerate(self.layers):
             h = self._rms(x, ly.ln1).to(dt)
             qkv = F.linear(h, ly.wqkv).float()
@@ -241,7 +246,7 @@ class FastLlamaRunner(Runner):
             k = self._rope(k.view(T, KV, D).transpose(0, 1), cos, sin)
             state.k[i, :, p:n] = k.to(self.cache_dtype)
             state.v[i, :, p:n] = v.view(T, KV, D).transpose(0, 1).to(self.cache_dtype)
-            o = self._attend(i, state, q, p, n, mask, causal)
+            o = self._attend(i, state, q, p, n, use_bmm, mask, causal)
             attn = F.linear(o, ly.wo).float()
             if ly.bo is not None:
                 attn = attn + ly.bo
@@ -253,19 +258,29 @@ class FastLlamaRunner(Runner):
         return self._rms(x[-1], self.norm)
 
     def _attend(
-        self, i: int, state: FastState, q: torch.Tensor, p: int, n: int, mask: torch.Tensor | None, causal: bool
+        self,
+        i: int,
+        state: FastState,
+        q: torch.Tensor,
+        p: int,
+        n: int,
+        use_bmm: bool,
+        mask: torch.Tensor | None,
+        causal: bool,
     ) -> torch.Tensor:
-        """Attention of the new queries q [heads, T, dim] over the cache; returns [T, heads*dim] in dtype."""
+        """Attention of the new queries q [heads, T, dim] over the cache; returns [T, heads*dim] in dtype.
+
+        `mask` is the new block's [T, T] upper triangle for the bmm path, SDPA's mask otherwise.
+        """
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         T = q.shape[1]
         keys, values = state.k[i, :, :n], state.v[i, :, :n]
-        if self.bmm_attention and T <= BMM_ATTENTION_MAX_QUERIES:
+        if use_bmm:
             G = H // KV  # query heads h = kv * G + g share key/value head kv
             qs = (q * D**-0.5).to(self.cache_dtype).reshape(KV, G * T, D)
             scores = torch.bmm(qs, keys.transpose(1, 2)).float().view(KV, G, T, n)
-            if T > 1:  # the past is fully visible; only the new block is causal
-                block = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
-                scores[..., p:].masked_fill_(block, float("-inf"))
+            if mask is not None:
+                scores[..., p:].masked_fill_(mask, float("-inf"))
             probs = torch.softmax(scores, dim=-1).to(self.cache_dtype).view(KV, G * T, n)
             o = torch.bmm(probs, values).view(H, T, D)
         else:
@@ -281,7 +296,7 @@ class FastLlamaRunner(Runner):
 
     @torch.inference_mode()
     def marker_logits(self, out: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
-        rows = torch.stack([self._marker_rows.get(int(t), self.lm_head[int(t)].float()) for t in token_ids])
+        rows = self.lm_head[torch.as_tensor(list(token_ids), device=self.device)].float()
         return (rows @ out.float()).cpu()
 
     @torch.inference_mode()
@@ -343,11 +358,10 @@ def build_runner(
     dtype: torch.dtype,
     device: str,
     prefer_fast: bool = True,
-    marker_ids: Sequence[int] = (),
     consume: bool = False,
 ) -> Runner:
     reason = fast_path_unsupported_reason(model) if prefer_fast else "disabled"
     if reason is None:
-        return FastLlamaRunner(model, dtype=dtype, device=device, marker_ids=marker_ids, consume=consume)
+        return FastLlamaRunner(model, dtype=dtype, device=device, consume=consume)
     log.info("using the generic transformers runner (%s)", reason)
     return HFRunner(model, device=device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -51,8 +52,8 @@ def test_decision_matches_plain_transformers_fp32(default_engine: Engine) -> Non
 
 
 def test_incremental_equals_full_on_the_real_model(default_engine: Engine) -> None:
-    full = Engine(default_engine.runner, default_engine.fmt, default_engine.config.__class__(
-        **{**default_engine.config.__dict__, "incremental": False}), default_engine.model_name)
+    config = dataclasses.replace(default_engine.config, incremental=False)
+    full = Engine(default_engine.runner, default_engine.fmt, config, default_engine.model_name)
     ps = {}
     for engine, key in ((default_engine, "inc"), (full, "full")):
         engine.reset("eq")
