@@ -29,8 +29,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--config", help="YAML file of engine settings (EngineConfig fields)")
     g.add_argument("--model", help="'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id or a directory")
-    g.add_argument("--adapter", help="PEFT adapter directory")
-    g.add_argument("--no-adapter", action="store_true", help="ignore any configured adapter")
+    g.add_argument("--adapter", help="PEFT adapter directory (default: the shipped adapter, with the default model)")
+    g.add_argument("--no-adapter", action="store_true", help="the base model alone (no adapter, not even the shipped one)")
+    g.add_argument("--prompt", choices=["short", "instructed"], help="system prompt: short (trained adapters) or the "
+                   "original recipe's instructions (untuned baselines)")
     g.add_argument("--threshold", type=float, help="respond when P(respond) >= this (talkativeness)")
     g.add_argument("--bot-name", help="the bot's name (default Chime)")
     g.add_argument("--device", help="auto, cpu or cuda[:N]")
@@ -51,6 +53,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         "model": args.model,
         "adapter": args.adapter,
         "threshold": args.threshold,
+        "prompt": args.prompt,
         "bot_name": args.bot_name,
         "device": args.device,
         "dtype": args.dtype,
@@ -110,28 +113,110 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from model.conversation import read_conversations
-    from training.evaluate import evaluate, write_details
 
     config = _engine_config(args)
-    conversations = read_conversations(args.file, default_bot_name=config.bot_name)
-    if args.limit is not None:
-        conversations = conversations[: args.limit]
+    if args.temperature is None:
+        config.temperature = 0.0  # scored generations (tool calls, --generate) are greedy unless asked otherwise
+    conversations = []
+    for path in args.file:
+        convs = read_conversations(path, default_bot_name=config.bot_name)
+        conversations.extend(convs[: args.limit] if args.limit is not None else convs)
+    runs = {"model": _eval_run(config, conversations, args)}
+    if args.baseline:
+        from model.config import EngineConfig
+
+        base = EngineConfig(**{**config.__dict__, "adapter": None, "prompt": "instructed", "threshold": 0.5})
+        runs["baseline"] = _eval_run(base, conversations, args)
+    files = ", ".join(args.file)
+    for metrics, _ in runs.values():
+        metrics["file"] = files
+    if args.details:
+        from training.evaluate import write_details
+
+        write_details(args.details, runs["model"][1])
+    if args.report:
+        _write_report(args.report, runs, config.always_answer_mentions)
+    if args.json:
+        out = runs["model"][0] if len(runs) == 1 else {name: m for name, (m, _) in runs.items()}
+        print(json.dumps(out))
+    elif len(runs) == 1:
+        _print_metrics(runs["model"][0])
+    else:
+        _print_side_by_side({name: m for name, (m, _) in runs.items()})
+    return 0
+
+
+def _eval_run(config: Any, conversations: list[Any], args: argparse.Namespace) -> tuple[dict[str, Any], list[Any]]:
+    from tqdm import tqdm
+
     from model.engine import Engine
+    from model.loading import release_memory
+    from training.evaluate import evaluate
 
     engine = Engine.from_config(config)
-    with tqdm(total=len(conversations), unit="conv", desc="eval", file=sys.stderr, disable=args.quiet) as bar:
+    label = "baseline" if config.prompt == "instructed" and not config.adapter else "eval"
+    with tqdm(total=len(conversations), unit="conv", desc=label, file=sys.stderr, disable=args.quiet) as bar:
         metrics, rows = evaluate(engine, conversations, generate=args.generate, progress=lambda n: bar.update(1))
-    metrics["file"] = str(args.file)
-    if args.details:
-        write_details(args.details, rows)
-    if args.json:
-        print(json.dumps(metrics))
-    else:
-        _print_metrics(metrics)
-    return 0
+    metrics["prompt"] = config.prompt
+    del engine
+    release_memory()
+    return metrics, rows
+
+
+def _write_report(directory: str, runs: dict[str, tuple[dict[str, Any], list[Any]]], always_answer_mentions: bool) -> None:
+    """metrics.json, details per run, and a PNG of precision/recall against the threshold."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from training.evaluate import threshold_curve, write_details
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({name: m for name, (m, _) in runs.items()}, indent=1) + "\n")
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.2), squeeze=False)
+    for ax, (name, (metrics, rows)) in zip(axes[0], runs.items(), strict=True):
+        write_details(out / f"details_{name}.jsonl", rows)
+        curve = threshold_curve(rows, always_answer_mentions, metrics.get("named_threshold"))
+        (out / f"curve_{name}.json").write_text(json.dumps(curve) + "\n")
+        ax.plot(curve["threshold"], curve["precision"], label="respond precision")
+        ax.plot(curve["threshold"], curve["recall"], label="respond recall")
+        ax.plot(curve["threshold"], curve["macro_f1"], label="macro-F1", linestyle="--")
+        ax.plot(curve["threshold"], curve["false_interruption_rate"], label="false interruptions", linestyle=":")
+        ax.axvline(metrics["threshold"], color="grey", linewidth=0.8)
+        title = "adapter " + str(metrics.get("adapter") or "none") if name == "model" else "untuned baseline (instructed prompt)"
+        ax.set_title(f"{title}\nthreshold {metrics['threshold']:.2f} (named {metrics.get('named_threshold') or 0:.2f}): "
+                     f"macro-F1 {metrics['macro_f1'] or 0:.3f}", fontsize=9)
+        ax.set_xlabel("threshold on P(respond)")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out / "precision_recall_threshold.png", dpi=110)
+    plt.close(fig)
+
+
+def _print_side_by_side(runs: dict[str, dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"chime eval · {next(iter(runs.values())).get('file')}")
+    table.add_column("metric")
+    for name in runs:
+        table.add_column(name, justify="right")
+    keys = ["macro_f1", "respond_precision", "respond_recall", "false_interruption_rate", "missed_intervention_rate",
+            "addressed_recall", "tool_call_accuracy", "roc_auc", "threshold", "named_threshold", "n_scored", "adapter", "prompt", "decision_p50_ms"]
+    for key in keys:
+        cells = []
+        for m in runs.values():
+            v = m.get(key)
+            cells.append("-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
+        table.add_row(key, *cells)
+    Console().print(table)
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
@@ -152,6 +237,13 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "memory":
         return _bench_memory(args)
+    if args.what == "train":
+        from training.bench import bench_train
+        from training.recipe import load_recipe
+
+        result = bench_train(load_recipe(args.recipe), steps=args.steps, trl_steps=args.trl_steps)
+        print(json.dumps(result) if args.json else json.dumps(result, indent=1))
+        return 0
     from model import benchmark
 
     engine = _build_engine(args)
@@ -264,6 +356,49 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.recipe import load_recipe
+    from training.train import train
+
+    overrides = list(args.overrides)
+    if args.no_eval:
+        overrides.append("evaluate=false")
+    recipe = load_recipe(args.recipe, overrides)
+    if args.calibrate_only:
+        from training.train import recalibrate
+
+        ev = recalibrate(recipe)["evaluation"]
+        print(json.dumps({k: ev[k] for k in ("threshold", "named_threshold", "limits_met", "calibrated", "cross_validated_2fold")}))
+        return 0
+    result = train(recipe, resume=args.resume, progress=not args.quiet)
+    card = result.card
+    summary = {
+        "adapter": result.adapter_dir,
+        "steps": card["training"]["steps"],
+        "seconds": card["training"]["seconds"],
+        "train_loss": card["training"]["train_loss"],
+        "trained_tokens_per_second": card["training"]["trained_tokens_per_second"],
+    }
+    if "evaluation" in card:
+        ev = card["evaluation"]
+        summary["threshold"] = ev["threshold"]
+        summary["named_threshold"] = ev["named_threshold"]
+        summary["dev"] = {k: ev["calibrated"][k] for k in ("macro_f1", "false_interruption_rate", "missed_intervention_rate", "addressed_recall")}
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from training.corpus import main as corpus_main
+
+    argv = [args.action, *args.files] + (["--imported"] if args.imported else [])
+    if args.dev_fraction is not None:
+        argv += ["--dev-fraction", str(args.dev_fraction)]
+    if args.root:
+        argv += ["--root", args.root]
+    return corpus_main(argv)
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -279,9 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("eval", help="score decisions on a conversation file")
-    p.add_argument("file", help="conversations in the shared JSONL format")
+    p.add_argument("file", nargs="+", help="conversations in the shared JSONL format (one or more files)")
+    p.add_argument("--report", help="write metrics, details and a precision/recall-vs-threshold PNG into this directory")
+    p.add_argument("--baseline", action="store_true",
+                   help="also evaluate the untuned model prompted with the original recipe's instructions, side by side")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
-    p.add_argument("--limit", type=int, help="evaluate only the first N conversations")
+    p.add_argument("--limit", type=int, help="evaluate only the first N conversations of each file")
     p.add_argument("--details", help="write one JSON row per scored message to this file")
     p.add_argument("--generate", action="store_true", help="also generate the replies where the bot speaks")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -289,7 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="benchmarks: decide, generate, memory")
-    p.add_argument("what", choices=["decide", "generate", "memory"])
+    p.add_argument("what", choices=["decide", "generate", "memory", "train"])
+    p.add_argument("--recipe", default="training/recipes/cpu-lora.yaml", help="recipe whose data and settings to time (train)")
+    p.add_argument("--steps", type=int, default=6, help="training steps to time, the first one excluded (train)")
+    p.add_argument("--trl-steps", type=int, default=2, help="steps of the default-configured TRL runs (train)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--history", default="0,500,1500,3000", help="history lengths in tokens (decide)")
     p.add_argument("--message-tokens", type=int, default=30, help="size of the new message (decide)")
@@ -305,6 +446,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=int, default=0, help="which conversation of the file")
     _add_engine_args(p)
     p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("train", help="fine-tune a (Q)LoRA adapter from a recipe")
+    p.add_argument("--recipe", required=True, help="a recipe YAML, e.g. training/recipes/cpu-lora.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value settings that replace the recipe's (values parsed as YAML)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--no-eval", action="store_true", help="skip the dev evaluation and threshold calibration")
+    p.add_argument("--calibrate-only", action="store_true", help="re-run the dev evaluation and calibration of output_dir/adapter")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("data", help="check conversation files, or count them by source and label")
+    p.add_argument("action", choices=["check", "stats", "split"])
+    p.add_argument("files", nargs="+")
+    p.add_argument("--imported", action="store_true", help="skip the authored-corpus size rules")
+    p.add_argument("--dev-fraction", type=float, help="split: share of ids that go to dev (default 0.2)")
+    p.add_argument("--root", help="split: writes ROOT/train/NAME and ROOT/dev/NAME (default conversations)")
+    p.set_defaults(func=cmd_data)
+
+    from training.importers import add_import_command
+
+    add_import_command(sub)
     return parser
 
 

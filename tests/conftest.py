@@ -46,8 +46,8 @@ def tiny_engine_factory(tiny_model_dir: Path):
 
 @pytest.fixture(scope="session")
 def default_engine():
-    """The real default model, loaded once per test session (converted and cached on first use)."""
+    """The real default model without an adapter, loaded once per session (converted and cached on first use)."""
     from model.config import EngineConfig
     from model.engine import Engine
 
-    return Engine.from_config(EngineConfig(seed=0, temperature=0.0))
+    return Engine.from_config(EngineConfig(seed=0, temperature=0.0, adapter=None, threshold=0.5))

@@ -11,8 +11,8 @@ Run it as `chime eval conversations/dev.jsonl --json`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -22,7 +22,7 @@ from typing import Any
 
 from model.chat_format import BotTurn
 from model.conversation import Conversation, ToolCall, scored_messages
-from model.engine import Engine, IncomingMessage
+from model.engine import Engine, IncomingMessage, names_bot
 
 TOOL_CALL_MAX_NEW_TOKENS = 96
 
@@ -43,11 +43,6 @@ class EvalRow:
     predicted_tool_calls: list[dict[str, Any]] = field(default_factory=list)
     tool_calls_matched: int = 0
     response: str | None = None
-
-
-def names_bot(text: str, bot_name: str) -> bool:
-    """True when the message contains the bot's name as a word (with or without @)."""
-    return re.search(r"(?<!\w)@?" + re.escape(bot_name.strip()) + r"(?!\w)", text, re.IGNORECASE) is not None
 
 
 def _canonical(value: Any) -> Any:
@@ -214,6 +209,7 @@ def evaluate(
         {
             "n_conversations": n_conv,
             "threshold": engine.config.threshold,
+            "named_threshold": engine.config.named_threshold,
             "model": engine.model_name,
             "adapter": engine.adapter,
             "elapsed_s": round(elapsed, 2),
@@ -229,3 +225,99 @@ def write_details(path: str | Path, rows: Iterable[EvalRow]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
+
+
+def rows_at(
+    rows: Sequence[EvalRow], threshold: float, always_answer_mentions: bool = True, named_threshold: float | None = None
+) -> list[EvalRow]:
+    """The same rows decided again at other thresholds (the model's P(respond) does not change)."""
+    out = []
+    for r in rows:
+        t = named_threshold if named_threshold is not None and r.names_bot else threshold
+        speak = r.p_respond >= t or (always_answer_mentions and r.addressed)
+        out.append(dataclasses.replace(r, decision="respond" if speak else "silence"))
+    return out
+
+
+@dataclass
+class Calibration:
+    threshold: float
+    named_threshold: float
+    metrics: dict[str, Any]
+    feasible: bool  # whether the limits could be met on these rows
+
+
+def _candidates(scores: Sequence[float], n: int = 80) -> list[float]:
+    """Up to n thresholds: midpoints between neighbouring distinct scores, thinned by quantile."""
+    distinct = sorted(set(round(s, 6) for s in scores))
+    mids = [(a + b) / 2 for a, b in zip(distinct, distinct[1:], strict=False)] or [0.5]
+    if len(mids) > n:
+        mids = [mids[round(i * (len(mids) - 1) / (n - 1))] for i in range(n)]
+    return sorted(set(mids) | {0.5})
+
+
+def calibrate(
+    rows: Sequence[EvalRow],
+    always_answer_mentions: bool = True,
+    max_false_interruptions: float | None = None,
+    max_missed: float | None = None,
+    separate_named: bool = True,
+) -> Calibration:
+    """Thresholds with the best macro-F1 on `rows`, within the limits where any pair meets them.
+
+    Two thresholds: one for messages that name the bot (people addressing it by name) and one for the
+    rest; `separate_named=False` ties them. Candidates are midpoints between observed scores. Ties go
+    to fewer false interruptions, then to thresholds nearer 0.5.
+    """
+    assert rows, "no rows to calibrate on"
+    general = _candidates([r.p_respond for r in rows if not r.names_bot] or [0.5])
+    named_scores = [r.p_respond for r in rows if r.names_bot]
+    named = _candidates(named_scores, 40) if separate_named and named_scores else [None]
+    best: tuple[tuple, Calibration] | None = None
+    for t in general:
+        for tn in named:
+            m = compute_metrics(rows_at(rows, t, always_answer_mentions, tn))
+            fi, missed = m["false_interruption_rate"] or 0.0, m["missed_intervention_rate"] or 0.0
+            ok = (max_false_interruptions is None or fi <= max_false_interruptions) and (max_missed is None or missed <= max_missed)
+            key = (ok, m["macro_f1"] or 0.0, -fi, -abs(t - 0.5))
+            if best is None or key > best[0]:
+                best = (key, Calibration(round(t, 6), round(t if tn is None else tn, 6), m, ok))
+    assert best is not None
+    return best[1]
+
+
+def cross_validated(rows: Sequence[EvalRow], folds: int = 2, **kwargs: Any) -> dict[str, Any]:
+    """Calibrate on all folds but one, decide the held-out fold; metrics over every held-out decision.
+
+    Folds are whole conversations (by a hash of the id), so no conversation is both calibrated and
+    scored: an honest estimate of what the calibrated thresholds do on unseen conversations.
+    """
+    import hashlib
+
+    def fold(r: EvalRow) -> int:
+        return int(hashlib.sha256(str(r.conversation_id).encode()).hexdigest()[:8], 16) % folds
+
+    decided: list[EvalRow] = []
+    for k in range(folds):
+        fit = [r for r in rows if fold(r) != k]
+        held = [r for r in rows if fold(r) == k]
+        if not fit or not held:
+            continue
+        cal = calibrate(fit, **kwargs)
+        decided.extend(rows_at(held, cal.threshold, kwargs.get("always_answer_mentions", True), cal.named_threshold))
+    return compute_metrics(decided)
+
+
+def threshold_curve(
+    rows: Sequence[EvalRow], always_answer_mentions: bool = True, named_threshold: float | None = None, points: int = 101
+) -> dict[str, list[float]]:
+    """Precision, recall, macro-F1 and false interruptions against the threshold (named one held fixed)."""
+    curve: dict[str, list[float]] = {"threshold": [], "precision": [], "recall": [], "macro_f1": [], "false_interruption_rate": []}
+    for i in range(points):
+        t = i / (points - 1)
+        m = compute_metrics(rows_at(rows, t, always_answer_mentions, named_threshold))
+        curve["threshold"].append(t)
+        for k, src in (("precision", "respond_precision"), ("recall", "respond_recall"), ("macro_f1", "macro_f1"),
+                       ("false_interruption_rate", "false_interruption_rate")):
+            curve[k].append(m[src] if m[src] is not None else float("nan"))
+    return curve

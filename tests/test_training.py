@@ -1,0 +1,281 @@
+"""Training: the loss mask, weights, windows, recipes, and end-to-end (Q)LoRA runs on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from model.chat_format import ChatFormat, show_loss_mask
+from model.conversation import Conversation, Message, ToolCall, read_conversations, write_conversations
+from model.errors import ConfigError
+from training.dataset import (
+    SourcedConversation,
+    WeightedCollator,
+    build_examples,
+    class_weights,
+    load_conversations,
+    to_records,
+)
+from training.evaluate import EvalRow, calibrate, cross_validated, rows_at
+from training.recipe import load_recipe, parse_overrides
+
+THREE_PEOPLE = Conversation(
+    id="mask-1",
+    bot_name="Pip",
+    messages=[
+        Message(role="user", name="Ana", content="who is up for pizza?"),
+        Message(role="user", name="Ben", content="me"),
+        Message(role="user", name="Cy", content="Pip, 84 * 0.15?"),
+        Message(role="assistant", tool_calls=[ToolCall("calculator", {"expression": "84*0.15"})]),
+        Message(role="tool", name="calculator", content="12.6"),
+        Message(role="assistant", content="12.6"),
+        Message(role="user", name="Ana", content="thanks Pip"),
+    ],
+)
+
+
+def trained_spans(fmt: ChatFormat, conv: Conversation) -> list[str]:
+    marked = show_loss_mask(fmt, fmt.render_conversation(conv))
+    out, rest = [], marked
+    while "⟦" in rest:
+        rest = rest.split("⟦", 1)[1]
+        span, rest = rest.split("⟧", 1)
+        out.append(span)
+    return out
+
+
+@pytest.mark.integration
+def test_loss_mask_three_people_real_template():
+    """Pinned: on SmolLM2's ChatML template only the bot's bodies and <|im_end|> are trained."""
+    from model.loading import load_tokenizer, prepare_default_model
+
+    fmt = ChatFormat(load_tokenizer(str(prepare_default_model())))
+    spans = trained_spans(fmt, THREE_PEOPLE)
+    assert spans == [
+        "(silence)<|im_end|>",
+        "(silence)<|im_end|>",
+        '(response) <tool_call>{"name": "calculator", "arguments": {"expression": "84*0.15"}}</tool_call><|im_end|>',
+        "(response) 12.6<|im_end|>",
+        "(silence)<|im_end|>",
+    ]
+    text = show_loss_mask(fmt, fmt.render_conversation(THREE_PEOPLE))
+    # Human turns and the tool result are context, never trained.
+    for context in ("Ana: who is up for pizza?", "Ben: me", "Cy: Pip, 84 * 0.15?", "calculator: 12.6", "Ana: thanks Pip"):
+        assert context in text
+        assert not any(context in s for s in spans)
+
+
+def test_examples_weights_and_labels(tiny_format):
+    (ex,) = build_examples([SourcedConversation("x", THREE_PEOPLE)], tiny_format, max_seq_len=4096)
+    assert ex.decision_kind == ["silence", "silence", "response", "silence"]  # the answer after the tool is not a decision
+    for p, kind in zip(ex.decision_pos, ex.decision_kind, strict=True):
+        expected = tiny_format.silence_token_id if kind == "silence" else tiny_format.response_token_id
+        assert ex.labels[p] == ex.input_ids[p] == expected
+    weights = class_weights([ex], balance=1.0)
+    assert weights["response"] == pytest.approx(2.0) and weights["silence"] == pytest.approx(4 / 6)
+    (row,) = to_records([ex], weights, decision_weight=3.0)
+    w = row["loss_weights"]
+    for p, kind in zip(ex.decision_pos, ex.decision_kind, strict=True):
+        assert w[p] == pytest.approx(3.0 * weights[kind])
+    trained = [i for i, lab in enumerate(row["labels"]) if lab != -100]
+    assert all(w[i] > 0 for i in trained)
+    assert all(w[i] == 0 for i in range(len(w)) if row["labels"][i] == -100)
+    assert not class_weights([ex], balance=0.0) != {"silence": 1.0, "response": 1.0}
+
+
+def test_explicit_labels_train_only_labelled_turns(tiny_format):
+    conv = Conversation(
+        id="irc",
+        messages=[
+            Message(role="user", name="a", content="hi all"),
+            Message(role="user", name="b", content="a: hello", expect="silence"),
+            Message(role="user", name="c", content="lol"),
+        ],
+    )
+    (ex,) = build_examples([SourcedConversation("x", conv)], tiny_format, max_seq_len=4096)
+    assert len(ex.decision_pos) == 1
+    rendered = tiny_format.render_conversation(conv)
+    second = rendered.turns[1]
+    assert [i for i, lab in enumerate(ex.labels) if lab != -100] == list(range(second.start, second.end))
+
+
+def test_long_conversations_are_windowed_without_training_twice(tiny_format):
+    msgs = []
+    for i in range(30):
+        msgs.append(Message(role="user", name=f"p{i % 3}", content=f"message number {i} " + "words " * 8))
+        if i % 5 == 4:
+            msgs.append(Message(role="assistant", content=f"reply {i}"))
+    conv = Conversation(messages=msgs, id="long")
+    full = tiny_format.render_conversation(conv)
+    examples = build_examples([SourcedConversation("x", conv)], tiny_format, max_seq_len=len(full.input_ids) // 3, window_context=2)
+    assert len(examples) >= 3
+    assert all(len(e.input_ids) <= len(full.input_ids) // 3 for e in examples)
+    # Every human message is decided (trained) exactly once across the windows.
+    assert sum(len(e.decision_pos) for e in examples) == 30
+    assert sum(k == "response" for e in examples for k in e.decision_kind) == 6
+
+
+def test_collator_pads(tiny_format):
+    rows = to_records(build_examples([SourcedConversation("x", THREE_PEOPLE)], tiny_format, 4096), {"silence": 1, "response": 1}, 2.0)
+    short = {k: v[:10] for k, v in rows[0].items()}
+    batch = WeightedCollator(pad_token_id=0, pad_to_multiple_of=8)([rows[0], short])
+    n = batch["input_ids"].shape[1]
+    assert n % 8 == 0 and n >= len(rows[0]["input_ids"])
+    assert batch["attention_mask"][1, 10:].sum() == 0 and (batch["labels"][1, 10:] == -100).all()
+    assert batch["loss_weights"][1, 10:].sum() == 0
+
+
+def test_recipe_overrides_and_validation(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: t\nlora_r: 4\ntrain_files: [a.jsonl]\n")
+    recipe = load_recipe(path, ["lora_r=16", "learning_rate=1e-4", "target_modules=[q_proj,v_proj]", "source_caps={'*irc*': 5}"])
+    assert recipe.lora_r == 16 and recipe.learning_rate == pytest.approx(1e-4)
+    assert recipe.target_modules == ["q_proj", "v_proj"] and recipe.source_caps == {"*irc*": 5}
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load_recipe(path, ["lora_rank=4"])
+    with pytest.raises(ConfigError, match="lora_r"):
+        load_recipe(path, ["lora_r=abc"])
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["oops"])
+    for name in ("cpu-lora", "cuda-qlora-8b"):
+        load_recipe(Path("training/recipes") / f"{name}.yaml")
+
+
+def test_source_caps_and_dedupe(tmp_path):
+    convs = [Conversation(id=f"c{i}", messages=[Message(role="user", name="a", content=f"hi {i}")]) for i in range(10)]
+    write_conversations(tmp_path / "irc_train.jsonl", convs + [Conversation(id="dup", messages=convs[0].messages)])
+    write_conversations(tmp_path / "authored.jsonl", convs[:2])
+    items, report = load_conversations([str(tmp_path / "*.jsonl")], {"*irc_train.jsonl": 4}, seed=0)
+    assert report.files[str(tmp_path / "irc_train.jsonl")] <= 4
+    assert report.files[str(tmp_path / "authored.jsonl")] == 2
+    again, report2 = load_conversations([str(tmp_path / "*.jsonl")], {"*irc_train.jsonl": 4}, seed=0)
+    assert [c.conversation.id for c in again] == [c.conversation.id for c in items] and report2.data_hash == report.data_hash
+    items, report = load_conversations([str(tmp_path / "*.jsonl")])
+    assert report.duplicates_dropped == 3  # the "dup" row and the two authored copies
+
+
+def _row(p: float, expected: str, addressed: bool = False, named: bool = False, cid: str | None = None) -> EvalRow:
+    return EvalRow(cid, 0, "a", "x", expected, "silence", p, addressed, addressed or named, 1.0)
+
+
+def test_calibrate_picks_the_separating_threshold():
+    rows = [_row(0.1, "silence"), _row(0.2, "silence"), _row(0.35, "silence"), _row(0.6, "respond"), _row(0.9, "respond")]
+    cal = calibrate(rows)
+    assert 0.35 < cal.threshold < 0.6 and cal.metrics["macro_f1"] == 1.0 and cal.feasible
+    decided = rows_at(rows, 0.95)
+    assert [r.decision for r in decided] == ["silence"] * 5
+    assert rows_at([_row(0.01, "respond", addressed=True)], 0.5)[0].decision == "respond"
+    assert rows_at([_row(0.01, "respond", addressed=True)], 0.5, always_answer_mentions=False)[0].decision == "silence"
+
+
+def test_calibrate_named_threshold_and_limits():
+    # Named messages that should get answers score lower than unnamed chatter the bot must ignore:
+    # one threshold cannot separate them, two can.
+    rows = [_row(0.3, "respond", named=True), _row(0.35, "respond", named=True), _row(0.1, "silence", named=True),
+            _row(0.5, "silence"), _row(0.55, "silence"), _row(0.8, "respond"), _row(0.2, "silence")]
+    tied = calibrate(rows, separate_named=False)
+    assert tied.threshold == tied.named_threshold and tied.metrics["macro_f1"] < 1.0
+    cal = calibrate(rows)
+    assert 0.1 < cal.named_threshold < 0.3 and 0.55 < cal.threshold < 0.8 and cal.metrics["macro_f1"] == 1.0
+    assert cal.metrics["addressed_recall"] == 1.0
+    # Limits that cannot be met are reported, and the best macro-F1 is kept.
+    noisy = [_row(0.6, "silence"), _row(0.4, "respond"), _row(0.7, "respond"), _row(0.2, "silence")]
+    assert not calibrate(noisy, max_false_interruptions=0.0, max_missed=0.0).feasible
+    # Cross-validation scores every row once, with thresholds fitted on the other fold.
+    many = [_row(0.1 + 0.8 * (i % 2), "respond" if i % 2 else "silence", cid=f"c{i}") for i in range(40)]
+    cv = cross_validated(many, folds=2)
+    assert cv["n_scored"] == 40 and cv["macro_f1"] == 1.0
+
+
+def _tiny_recipe(tmp_path: Path, model_dir: Path, **extra) -> list[str]:
+    train = tmp_path / "train.jsonl"
+    dev = tmp_path / "dev.jsonl"
+    convs = read_conversations("conversations/examples.jsonl")
+    write_conversations(train, convs[:4] + [THREE_PEOPLE])
+    write_conversations(dev, [Conversation(id=f"dev-{c.id}", bot_name=c.bot_name, messages=c.messages, tools=c.tools) for c in convs[4:]])
+    settings = {
+        "model": str(model_dir),
+        "output_dir": str(tmp_path / "run"),
+        "train_files": [str(train)],
+        "dev_files": [str(dev)],
+        "max_steps": 4,
+        "batch_size": 2,
+        "save_steps": 2,
+        "logging_steps": 1,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "learning_rate": 0.01,
+        **extra,
+    }
+    return [f"{k}={json.dumps(v)}" for k, v in settings.items()]
+
+
+def test_train_end_to_end_resume_and_serve(tmp_path, tiny_model_dir, capsys):
+    from bot.cli import main
+    from model.config import EngineConfig
+    from model.engine import Engine
+
+    overrides = _tiny_recipe(tmp_path, tiny_model_dir)
+    assert main(["train", "--recipe", "training/recipes/cpu-lora.yaml", "--quiet", *overrides]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    run = tmp_path / "run"
+    adapter = run / "adapter"
+    assert summary["steps"] == 4 and 0 <= summary["threshold"] <= 1
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    card = json.loads((run / "run_card.json").read_text())
+    assert card["data"]["decisions"]["response"] > 0 and len(card["data"]["data_hash"]) == 16
+    assert card["evaluation"]["calibrated"]["n_scored"] > 0
+    assert "Dev evaluation" in (adapter / "run_card.md").read_text()
+    meta = json.loads((adapter / "chime_adapter.json").read_text())
+    assert meta["threshold"] == summary["threshold"]
+    # The engine loads the adapter and takes its calibrated threshold unless one is given.
+    engine = Engine.from_config(EngineConfig(model=str(tiny_model_dir), adapter=str(adapter), dtype="float32"))
+    assert engine.config.threshold == pytest.approx(meta["threshold"])
+    engine = Engine.from_config(EngineConfig(model=str(tiny_model_dir), adapter=str(adapter), dtype="float32", threshold=0.7))
+    assert engine.config.threshold == 0.7
+    # A second run into the same directory must resume, not overwrite.
+    assert main(["train", "--recipe", "training/recipes/cpu-lora.yaml", "--quiet", *overrides]) == 2
+    assert "--resume" in capsys.readouterr().err
+    more = [o for o in overrides if not o.startswith("max_steps")] + ["max_steps=6"]
+    assert main(["train", "--recipe", "training/recipes/cpu-lora.yaml", "--quiet", "--resume", "--no-eval", *more]) == 0
+    card = json.loads((run / "run_card.json").read_text())
+    assert card["training"]["steps"] == 6 and card["training"]["resumed_from"].endswith("checkpoint-4")
+
+
+def test_dev_conversations_never_train(tmp_path, tiny_model_dir):
+    from bot.cli import main
+
+    overrides = _tiny_recipe(tmp_path, tiny_model_dir)
+    dev = tmp_path / "dev.jsonl"
+    write_conversations(dev, read_conversations(tmp_path / "train.jsonl")[:1])
+    assert main(["train", "--recipe", "training/recipes/cpu-lora.yaml", "--quiet", *overrides]) == 2
+
+
+def test_qlora_path_on_cpu(tmp_path, tiny_model_dir):
+    """The QLoRA code path (NF4, double quantisation, k-bit preparation) runs with bitsandbytes on CPU."""
+    pytest.importorskip("bitsandbytes")
+    from training.recipe import load_recipe
+    from training.train import train
+
+    overrides = _tiny_recipe(tmp_path, tiny_model_dir, max_steps=1, load_in_4bit=True, evaluate=False, report_to=[])
+    recipe = load_recipe("training/recipes/cuda-qlora-8b.yaml", overrides + ['device="cpu"', 'dtype="float32"', 'optim="adamw_torch"'])
+    result = train(recipe, progress=False)
+    assert result.card["training"]["steps"] == 1
+    assert (Path(result.adapter_dir) / "adapter_model.safetensors").is_file()
+    assert result.card["recipe"]["load_in_4bit"] and result.card["recipe"]["bnb_4bit_use_double_quant"]
+    assert result.card["training"]["quantized_linear_layers"] == 2 * 7  # every linear layer of both blocks is NF4
+
+
+def test_bench_train_reports_all_runs(tmp_path, tiny_model_dir):
+    from training.bench import bench_train
+
+    recipe = load_recipe("training/recipes/cpu-lora.yaml", _tiny_recipe(tmp_path, tiny_model_dir, source_caps={}))
+    result = bench_train(recipe, steps=2, trl_steps=2)
+    assert set(result["runs"]) == {"chime", "trl-default", "trl-default-fp32"}
+    for run in result["runs"].values():
+        assert run["tokens_per_second"] > 0 and run["trained_tokens_per_second"] > 0
+        assert run["trained_tokens_per_second"] <= run["tokens_per_second"]
+    assert "bf16=True" in result["runs"]["trl-default"]["note"]

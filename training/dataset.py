@@ -1,0 +1,229 @@
+"""Training examples: conversations rendered into ids, labels and per-token loss weights.
+
+Only the bot's own tokens are labelled (`ChatFormat.render_conversation` marks them): the body of
+each bot turn — "(silence)", "(response) text", tool calls — and its end-of-turn token. Human
+messages, tool results, the system header and the assistant header are context (label -100).
+
+Weights handle the imbalance between the classes: the decision token (the one that reads "silence"
+or "response" after the shared "(") of every decision turn gets `decision_weight` times its class
+weight, where class weights move from 1 (class_balance=0) to inverse class frequency (1). Bot turns
+that are not scored (context messages of an explicitly labelled conversation, or the repeated context
+at the start of a window) carry no loss at all.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import hashlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model.chat_format import ChatFormat, RenderedConversation
+from model.conversation import Conversation, read_conversations
+from model.errors import ConfigError
+from training.corpus import dedupe
+
+
+@dataclass
+class SourcedConversation:
+    source: str  # the file it came from
+    conversation: Conversation
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    decision_pos: list[int]  # positions of decision tokens (in `labels`)
+    decision_kind: list[str]  # "silence" or "response" for each
+    source: str = ""
+
+
+@dataclass
+class DataReport:
+    files: dict[str, int] = field(default_factory=dict)  # conversations used per file
+    duplicates_dropped: int = 0
+    examples: int = 0
+    windows_split: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    decisions: dict[str, int] = field(default_factory=dict)
+    class_weights: dict[str, float] = field(default_factory=dict)
+    data_hash: str = ""
+
+
+def expand_globs(patterns: Sequence[str]) -> list[Path]:
+    paths: list[Path] = []
+    for pat in patterns:
+        found = sorted(glob.glob(pat, recursive=True))
+        if not found:
+            raise ConfigError(f"no conversation files match {pat!r}")
+        paths.extend(Path(p) for p in found)
+    return list(dict.fromkeys(paths))
+
+
+def load_conversations(
+    patterns: Sequence[str], caps: dict[str, int] | None = None, seed: int = 0, bot_name: str = "Chime"
+) -> tuple[list[SourcedConversation], DataReport]:
+    """Read, cap per source and deduplicate the conversations matched by `patterns`."""
+    report = DataReport()
+    rng = random.Random(seed)
+    items: list[SourcedConversation] = []
+    for path in expand_globs(patterns):
+        convs = read_conversations(path, default_bot_name=bot_name)
+        for pat, cap in (caps or {}).items():
+            if fnmatch.fnmatch(str(path), pat) and len(convs) > cap:
+                convs = rng.sample(convs, cap)
+        items.extend(SourcedConversation(str(path), c) for c in convs)
+    kept, dropped = dedupe(c.conversation for c in items)
+    keep_ids = {id(c) for c in kept}
+    items = [c for c in items if id(c.conversation) in keep_ids]
+    report.duplicates_dropped = dropped
+    for c in items:
+        report.files[c.source] = report.files.get(c.source, 0) + 1
+    digest = hashlib.sha256()
+    for c in items:
+        digest.update(c.source.encode())
+        digest.update(repr(c.conversation.to_dict()).encode())
+    report.data_hash = digest.hexdigest()[:16]
+    return items, report
+
+
+def _scored_turn(conv: Conversation, after: int) -> bool:
+    """Is the bot turn following message `after` scored? (all are, unless labels are explicit)."""
+    if not any(m.expect is not None for m in conv.messages):
+        return True
+    msg = conv.messages[after]
+    return msg.expect is not None
+
+
+def _windows(conv: Conversation, fmt: ChatFormat, max_len: int, context: int) -> list[tuple[Conversation, int]]:
+    """Cut a conversation into pieces that fit `max_len` tokens, at human-message boundaries.
+
+    Returns (piece, n_context): the first n_context messages of a piece repeat the end of the previous
+    piece as context and are not trained again.
+    """
+    rendered = fmt.render_conversation(conv)
+    if len(rendered.input_ids) <= max_len:
+        return [(conv, 0)]
+    starts = [i for i, m in enumerate(conv.messages) if m.is_human]
+    out: list[tuple[Conversation, int]] = []
+    begin, n_ctx = 0, 0
+    while begin < len(conv.messages):
+        end = begin + 1
+        best = None
+        for cand in [s for s in starts if s > begin] + [len(conv.messages)]:
+            piece = Conversation(messages=conv.messages[begin:cand], bot_name=conv.bot_name, tools=conv.tools, id=conv.id)
+            if len(fmt.render_conversation(piece).input_ids) > max_len:
+                break
+            best = cand
+        if best is None:  # a single message longer than the budget: keep it alone (truncated later)
+            nxt = [s for s in starts if s > begin]
+            best = nxt[0] if nxt else len(conv.messages)
+        end = best
+        out.append((Conversation(messages=conv.messages[begin:end], bot_name=conv.bot_name, tools=conv.tools, id=conv.id), n_ctx))
+        if end >= len(conv.messages):
+            break
+        prior = [s for s in starts if begin < s < end][-context:] if context else []
+        new_begin = prior[0] if prior and prior[0] > begin else end
+        n_ctx = end - new_begin
+        begin = new_begin
+    return out
+
+
+def build_examples(items: Sequence[SourcedConversation], fmt: ChatFormat, max_seq_len: int, window_context: int = 2) -> list[Example]:
+    examples: list[Example] = []
+    for item in items:
+        conv = item.conversation
+        for piece, n_ctx in _windows(conv, fmt, max_seq_len, window_context):
+            ex = _example(piece, n_ctx, fmt, max_seq_len)
+            if ex is not None:
+                ex.source = item.source
+                examples.append(ex)
+    return examples
+
+
+def _example(conv: Conversation, n_ctx: int, fmt: ChatFormat, max_seq_len: int) -> Example | None:
+    rendered: RenderedConversation = fmt.render_conversation(conv)
+    ids = rendered.input_ids
+    labels = [-100] * len(ids)
+    pos: list[int] = []
+    kinds: list[str] = []
+    prefix = len(fmt.decision_prefix_ids)
+    for turn in rendered.turns:
+        if turn.after < n_ctx or not _scored_turn(conv, turn.after):
+            continue
+        if turn.end > max_seq_len:
+            break
+        labels[turn.start : turn.end] = ids[turn.start : turn.end]
+        if turn.decision:
+            pos.append(turn.start + prefix)
+            kinds.append(turn.kind)
+    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+    if all(lab == -100 for lab in labels):
+        return None
+    return Example(ids, labels, pos, kinds)
+
+
+def class_weights(examples: Sequence[Example], balance: float) -> dict[str, float]:
+    counts = {"silence": 0, "response": 0}
+    for ex in examples:
+        for k in ex.decision_kind:
+            counts[k] += 1
+    total = sum(counts.values())
+    if not total or not all(counts.values()):
+        return {"silence": 1.0, "response": 1.0}
+    return {k: (total / (2 * n)) ** balance for k, n in counts.items()}
+
+
+def to_records(examples: Sequence[Example], weights: dict[str, float], decision_weight: float) -> list[dict[str, Any]]:
+    """Rows for a `datasets.Dataset`: input_ids, labels and per-token loss weights."""
+    rows = []
+    for ex in examples:
+        w = [0.0 if lab == -100 else 1.0 for lab in ex.labels]
+        for p, k in zip(ex.decision_pos, ex.decision_kind, strict=True):
+            w[p] = decision_weight * weights[k]
+        rows.append({"input_ids": ex.input_ids, "labels": ex.labels, "loss_weights": w})
+    return rows
+
+
+def summarize(report: DataReport, examples: Sequence[Example], weights: dict[str, float]) -> DataReport:
+    report.examples = len(examples)
+    report.tokens = sum(len(e.input_ids) for e in examples)
+    report.trained_tokens = sum(sum(1 for lab in e.labels if lab != -100) for e in examples)
+    report.decisions = {
+        "silence": sum(k == "silence" for e in examples for k in e.decision_kind),
+        "response": sum(k == "response" for e in examples for k in e.decision_kind),
+    }
+    report.class_weights = {k: round(v, 4) for k, v in weights.items()}
+    return report
+
+
+@dataclass
+class WeightedCollator:
+    """Pads input_ids, labels (-100) and loss_weights (0) on the right."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = 8
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        n = max(len(r["input_ids"]) for r in rows)
+        if self.pad_to_multiple_of:
+            n = -(-n // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids = torch.full((len(rows), n), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), n), -100, dtype=torch.long)
+        weights = torch.zeros((len(rows), n), dtype=torch.float32)
+        attn = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, r in enumerate(rows):
+            m = len(r["input_ids"])
+            ids[i, :m] = torch.as_tensor(r["input_ids"])
+            labels[i, :m] = torch.as_tensor(r["labels"])
+            weights[i, :m] = torch.as_tensor(r["loss_weights"])
+            attn[i, :m] = 1
+        return {"input_ids": ids, "attention_mask": attn, "labels": labels, "loss_weights": weights}
