@@ -305,10 +305,12 @@ def _bench_memory(args: argparse.Namespace) -> int:
         f.write("maria: @Chime can you summarise the plan for tonight?\n")
         script = f.name
     cmd = [sys.executable, "-m", "bot", "simulate", "--script", script, "--json", "--seed", str(args.seed or 0)]
-    for flag in ("model", "adapter", "dtype", "config"):
+    for flag in ("model", "adapter", "dtype", "config", "threshold"):
         value = getattr(args, flag)
-        if value:
+        if value is not None and value is not False:
             cmd += [f"--{flag}", str(value)]
+    if args.no_adapter:
+        cmd.append("--no-adapter")
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
