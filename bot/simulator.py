@@ -72,7 +72,7 @@ def run_script(engine: Engine, lines: list[tuple[str, str]], as_json: bool, out:
 def run_interactive(engine: Engine, console: Console, read: Callable[[str], str] = input) -> None:
     bot = engine.config.bot_name
     console.print(f"[bold]Chime simulator[/] · model {escape(engine.model_name)} · adapter {engine.adapter or 'none'} · "
-                  f"threshold {engine.config.threshold:.2f}")
+                  f"threshold {engine.config.threshold:.2f} (named {engine.config.named_threshold or engine.config.threshold:.2f})")
     console.print(HELP.format(bot=escape(bot)))
     speaker = "alice"
     history: list[str] = []
@@ -104,7 +104,8 @@ def run_interactive(engine: Engine, console: Console, read: Callable[[str], str]
                     console.print("  [red]usage: /threshold P with P between 0 and 1[/]")
                     continue
                 engine.config.threshold = value
-                console.print(f"  [dim]threshold set to {value:.2f}[/]")
+                console.print(f"  [dim]threshold set to {value:.2f} (messages naming {escape(bot)} keep "
+                              f"{engine.config.named_threshold or value:.2f})[/]")
             elif cmd == "reset":
                 engine.reset(CHANNEL)
                 history.clear()

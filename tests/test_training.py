@@ -279,3 +279,13 @@ def test_bench_train_reports_all_runs(tmp_path, tiny_model_dir):
         assert run["tokens_per_second"] > 0 and run["trained_tokens_per_second"] > 0
         assert run["trained_tokens_per_second"] <= run["tokens_per_second"]
     assert "bf16=True" in result["runs"]["trl-default"]["note"]
+
+
+def test_windows_always_progress_with_huge_messages(tiny_format):
+    long = "word " * 400
+    msgs = [Message(role="user", name=f"p{i % 2}", content=long if i % 3 == 0 else f"short {i}") for i in range(9)]
+    conv = Conversation(messages=msgs, id="huge")
+    examples = build_examples([SourcedConversation("x", conv)], tiny_format, max_seq_len=200, window_context=2)
+    assert sum(len(e.decision_pos) for e in examples) <= 9
+    assert all(len(e.input_ids) <= 200 for e in examples)
+    assert len(examples) >= 3

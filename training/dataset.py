@@ -105,33 +105,32 @@ def _windows(conv: Conversation, fmt: ChatFormat, max_len: int, context: int) ->
     """Cut a conversation into pieces that fit `max_len` tokens, at human-message boundaries.
 
     Returns (piece, n_context): the first n_context messages of a piece repeat the end of the previous
-    piece as context and are not trained again.
+    piece as context and are not trained again. Every piece trains at least one new message, so a
+    message longer than the budget gets a piece of its own (truncated later).
     """
-    rendered = fmt.render_conversation(conv)
-    if len(rendered.input_ids) <= max_len:
+    if len(fmt.render_conversation(conv).input_ids) <= max_len:
         return [(conv, 0)]
-    starts = [i for i, m in enumerate(conv.messages) if m.is_human]
+    msgs = conv.messages
+    starts = [i for i, m in enumerate(msgs) if m.is_human]
+
+    def piece(a: int, b: int) -> Conversation:
+        return Conversation(messages=msgs[a:b], bot_name=conv.bot_name, tools=conv.tools, id=conv.id)
+
     out: list[tuple[Conversation, int]] = []
-    begin, n_ctx = 0, 0
-    while begin < len(conv.messages):
-        end = begin + 1
-        best = None
-        for cand in [s for s in starts if s > begin] + [len(conv.messages)]:
-            piece = Conversation(messages=conv.messages[begin:cand], bot_name=conv.bot_name, tools=conv.tools, id=conv.id)
-            if len(fmt.render_conversation(piece).input_ids) > max_len:
+    begin, trained_from = 0, 0  # the piece starts at `begin`; messages before `trained_from` are context
+    while trained_from < len(msgs):
+        ends = [s for s in starts if s > trained_from] + [len(msgs)]
+        end = ends[0]  # at least one new message
+        for cand in ends[1:]:
+            if len(fmt.render_conversation(piece(begin, cand)).input_ids) > max_len:
                 break
-            best = cand
-        if best is None:  # a single message longer than the budget: keep it alone (truncated later)
-            nxt = [s for s in starts if s > begin]
-            best = nxt[0] if nxt else len(conv.messages)
-        end = best
-        out.append((Conversation(messages=conv.messages[begin:end], bot_name=conv.bot_name, tools=conv.tools, id=conv.id), n_ctx))
-        if end >= len(conv.messages):
+            end = cand
+        out.append((piece(begin, end), trained_from - begin))
+        if end >= len(msgs):
             break
-        prior = [s for s in starts if begin < s < end][-context:] if context else []
-        new_begin = prior[0] if prior and prior[0] > begin else end
-        n_ctx = end - new_begin
-        begin = new_begin
+        prior = [s for s in starts if trained_from <= s < end][-context:] if context else []
+        begin = prior[0] if prior and prior[0] > begin else end
+        trained_from = end
     return out
 
 

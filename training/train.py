@@ -420,6 +420,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         "",
         f"- Base model: {card['base_model']}",
         f"- LoRA r={r['lora_r']} alpha={r['lora_alpha']} dropout={r['lora_dropout']} targets={r['target_modules']}"
+        + (f" in the top {r['lora_top_layers']} blocks" if r.get("lora_top_layers") else "")
         + (f", 4-bit {r['bnb_4bit_quant_type']}" if r["load_in_4bit"] else ""),
         f"- Data hash {d['data_hash']}: {d['examples']} examples, {d['tokens']} tokens ({d['trained_tokens']} trained), "
         f"decisions {d['decisions']}, class weights {d['class_weights']}, decision weight {r['decision_weight']}",
