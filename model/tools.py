@@ -1,0 +1,409 @@
+"""Tools: a registry of allowed functions, strict argument validation, bounded execution, built-ins.
+
+A deployer adds a tool by writing a typed Python function with a docstring; `tool_from_function`
+derives its JSON schema from the signature (the first docstring paragraph is the description, and
+`name: text` lines under "Args:" describe the parameters). Only registered tools can ever run.
+
+Every call goes through `ToolRegistry.execute`: the tool must be registered, the arguments must fit
+the schema (lossless coercion only: "12" for an integer, 3.0 for an integer, 12 for a number; never
+"sqrt of 3342398" for a number), unknown or missing arguments are rejected, and the function runs
+with a timeout. Whatever goes wrong comes back as a `ToolResult` with `ok=False` and a reason, for
+the conversation to carry as the tool's result: a bad call is never an exception to the caller.
+
+Built-ins (the names and argument shapes the training corpus uses, `training/corpus.py`):
+    calculator(expression)                   exact arithmetic from an `ast` whitelist, never `eval`
+    convert_units(value, from_unit, to_unit)  through pint's unit registry
+    current_time(timezone)                    the current time in an IANA zone (zoneinfo)
+"""
+
+from __future__ import annotations
+
+import ast
+import concurrent.futures
+import datetime as dt
+import inspect
+import math
+import operator
+import re
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from model.conversation import ToolCall
+
+DEFAULT_TIMEOUT_S = 2.0
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="chime-tool")
+
+
+class ToolError(Exception):
+    """A rejected call or a failed tool; the message is shown to the model as the tool's result."""
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict[str, Any]  # JSON schema of an object
+    func: Callable[..., Any]
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    def schema(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "parameters": self.parameters}
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    name: str
+    ok: bool
+    content: str  # the result, or "error: <reason>"
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- schemas from functions
+
+
+def _json_type(hint: Any, where: str) -> dict[str, Any]:
+    origin = typing.get_origin(hint)
+    if hint is int:
+        return {"type": "integer"}
+    if hint is float:
+        return {"type": "number"}
+    if hint is str:
+        return {"type": "string"}
+    if hint is bool:
+        return {"type": "boolean"}
+    if origin is Literal:
+        values = list(typing.get_args(hint))
+        kinds = {type(v) for v in values}
+        base = _json_type(kinds.pop(), where) if len(kinds) == 1 else {}
+        return {**base, "enum": values}
+    if origin is list:
+        (item,) = typing.get_args(hint) or (str,)
+        return {"type": "array", "items": _json_type(item, where)}
+    raise TypeError(f"{where}: unsupported parameter type {hint!r} (use int, float, str, bool, Literal or list)")
+
+
+def _param_docs(doc: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    in_args = False
+    for line in doc.splitlines():
+        stripped = line.strip()
+        if stripped.lower() in ("args:", "arguments:", "parameters:"):
+            in_args = True
+            continue
+        if in_args:
+            m = re.match(r"(\w+)\s*(?:\([^)]*\))?:\s*(.+)", stripped)
+            if m:
+                out[m.group(1)] = m.group(2)
+            elif not stripped:
+                in_args = False
+    return out
+
+
+def tool_from_function(func: Callable[..., Any], name: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Tool:
+    """A Tool whose JSON schema comes from the function's type hints and docstring."""
+    doc = inspect.getdoc(func) or ""
+    if not doc:
+        raise TypeError(f"tool {func.__name__}: a docstring is required (it is the description the model reads)")
+    hints = typing.get_type_hints(func)
+    docs = _param_docs(doc)
+    props: dict[str, Any] = {}
+    required: list[str] = []
+    for pname, param in inspect.signature(func).parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise TypeError(f"tool {func.__name__}: *args/**kwargs are not allowed")
+        if pname not in hints:
+            raise TypeError(f"tool {func.__name__}: parameter {pname!r} needs a type hint")
+        prop = _json_type(hints[pname], f"{func.__name__}.{pname}")
+        if pname in docs:
+            prop["description"] = docs[pname]
+        props[pname] = prop
+        if param.default is inspect.Parameter.empty:
+            required.append(pname)
+    description = doc.split("\n\n", 1)[0].replace("\n", " ").strip()
+    parameters = {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+    return Tool(name or func.__name__, description, parameters, func, timeout_s)
+
+
+# ---------------------------------------------------------------------------- validation
+
+_INT_RE = re.compile(r"[+-]?\d{1,30}")
+_NUM_RE = re.compile(r"[+-]?(\d{1,30}(\.\d{0,30})?|\.\d{1,30})([eE][+-]?\d{1,3})?")
+
+
+def coerce(value: Any, schema: dict[str, Any], where: str) -> Any:
+    """`value` as the schema's type where that is lossless; otherwise ToolError with the reason."""
+    kind = schema.get("type")
+    if "enum" in schema:
+        candidates = schema["enum"]
+        for c in candidates:
+            if value == c or (isinstance(value, str) and str(c) == value.strip()):
+                return c
+        raise ToolError(f"{where} must be one of {candidates}, got {value!r}")
+    if kind == "integer":
+        if isinstance(value, bool):
+            raise ToolError(f"{where} must be an integer, got a boolean")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and _INT_RE.fullmatch(value.strip()):
+            return int(value.strip())
+        raise ToolError(f"{where} must be an integer, got {value!r}")
+    if kind == "number":
+        if isinstance(value, bool):
+            raise ToolError(f"{where} must be a number, got a boolean")
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return value
+        if isinstance(value, str) and _NUM_RE.fullmatch(value.strip()):
+            number = float(value.strip())
+            if math.isfinite(number):
+                return number
+        raise ToolError(f"{where} must be a number, got {value!r}")
+    if kind == "string":
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ToolError(f"{where} must be a string, got {type(value).__name__}")
+    if kind == "boolean":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise ToolError(f"{where} must be true or false, got {value!r}")
+    if kind == "array":
+        if not isinstance(value, list):
+            raise ToolError(f"{where} must be a list, got {type(value).__name__}")
+        return [coerce(v, schema.get("items", {}), f"{where}[{i}]") for i, v in enumerate(value)]
+    if kind == "object":
+        if not isinstance(value, dict):
+            raise ToolError(f"{where} must be an object, got {type(value).__name__}")
+        return value
+    return value  # schema without a type: anything JSON
+
+
+def validate_arguments(tool: Tool, arguments: Any) -> dict[str, Any]:
+    if not isinstance(arguments, dict):
+        raise ToolError(f"{tool.name}: arguments must be an object")
+    props = tool.parameters.get("properties", {})
+    unknown = sorted(set(arguments) - set(props))
+    if unknown:
+        raise ToolError(f"{tool.name}: unknown argument(s) {', '.join(map(str, unknown))}")
+    missing = [p for p in tool.parameters.get("required", []) if p not in arguments]
+    if missing:
+        raise ToolError(f"{tool.name}: missing argument(s) {', '.join(missing)}")
+    return {k: coerce(v, props[k], f"{tool.name}.{k}") for k, v in arguments.items()}
+
+
+class ToolRegistry:
+    """The allowlist: only tools registered here can run."""
+
+    def __init__(self, tools: list[Tool] | None = None):
+        self._tools: dict[str, Tool] = {}
+        for t in tools or []:
+            self.register(t)
+
+    def register(self, tool: Tool | Callable[..., Any]) -> Tool:
+        if not isinstance(tool, Tool):
+            tool = tool_from_function(tool)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}", tool.name):
+            raise ValueError(f"invalid tool name {tool.name!r}")
+        self._tools[tool.name] = tool
+        return tool
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tools
+
+    def names(self) -> list[str]:
+        return list(self._tools)
+
+    def schemas(self) -> list[dict[str, Any]]:
+        return [t.schema() for t in self._tools.values()]
+
+    def validate(self, call: ToolCall) -> tuple[Tool, dict[str, Any]]:
+        tool = self._tools.get(call.name) if isinstance(call.name, str) else None
+        if tool is None:
+            raise ToolError(f"unknown tool {str(call.name)[:64]!r}; available: {', '.join(self._tools) or 'none'}")
+        return tool, validate_arguments(tool, call.arguments)
+
+    def execute(self, call: ToolCall) -> ToolResult:
+        """Validate and run one call; every failure is a result with ok=False, never an exception."""
+        try:
+            tool, args = self.validate(call)
+        except ToolError as e:
+            return ToolResult(str(call.name)[:64], False, f"error: {e}", {})
+        future = _POOL.submit(tool.func, **args)
+        try:
+            value = future.result(timeout=tool.timeout_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            return ToolResult(tool.name, False, f"error: {tool.name} timed out after {tool.timeout_s:g} s", args)
+        except ToolError as e:
+            return ToolResult(tool.name, False, f"error: {e}", args)
+        except Exception as e:  # a deployer's tool failed: report it, keep serving
+            return ToolResult(tool.name, False, f"error: {tool.name} failed: {type(e).__name__}: {str(e)[:200]}", args)
+        return ToolResult(tool.name, True, str(value), args)
+
+
+# ---------------------------------------------------------------------------- built-ins
+
+MAX_EXPRESSION_CHARS = 300
+MAX_EXPONENT = 10_000
+MAX_ABS_RESULT = 1e100
+MAX_INT_DIGITS = 100
+
+_BINOPS: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+_UNARY: dict[type, Callable[[Any], Any]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_FUNCS: dict[str, Callable[..., Any]] = {
+    "sqrt": math.sqrt, "abs": abs, "round": round, "floor": math.floor, "ceil": math.ceil,
+    "log": math.log, "log10": math.log10, "log2": math.log2, "exp": math.exp,
+    "sin": math.sin, "cos": math.cos, "tan": math.tan, "asin": math.asin, "acos": math.acos, "atan": math.atan,
+    "min": min, "max": max, "factorial": math.factorial, "radians": math.radians, "degrees": math.degrees,
+}  # fmt: skip
+_CONSTS = {"pi": math.pi, "e": math.e, "tau": math.tau}
+
+
+def _check_size(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ToolError("booleans are not numbers here")
+    if isinstance(value, int):
+        if value.bit_length() > MAX_INT_DIGITS * 3.33:
+            raise ToolError(f"result too large (more than {MAX_INT_DIGITS} digits)")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value) or abs(value) > MAX_ABS_RESULT:
+            raise ToolError("result too large or not a finite number")
+        return value
+    raise ToolError(f"unsupported value {type(value).__name__}")
+
+
+def _eval(node: ast.AST) -> Any:
+    if isinstance(node, ast.Expression):
+        return _eval(node.body)
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        return _check_size(node.value)
+    if isinstance(node, ast.Name) and node.id in _CONSTS:
+        return _CONSTS[node.id]
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _check_size(_UNARY[type(node.op)](_eval(node.operand)))
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        left, right = _eval(node.left), _eval(node.right)
+        if isinstance(node.op, ast.Pow):
+            if abs(right) > MAX_EXPONENT:
+                raise ToolError(f"exponent too large (limit {MAX_EXPONENT})")
+            if abs(left) > 1 and abs(right) * math.log10(abs(left)) > MAX_INT_DIGITS:
+                raise ToolError(f"result too large (more than {MAX_INT_DIGITS} digits)")
+        try:
+            return _check_size(_BINOPS[type(node.op)](left, right))
+        except ZeroDivisionError:
+            raise ToolError("division by zero") from None
+        except OverflowError:
+            raise ToolError("result too large") from None
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS and not node.keywords:
+        args = [_eval(a) for a in node.args]
+        if node.func.id == "factorial" and (len(args) != 1 or not isinstance(args[0], int) or not 0 <= args[0] <= 70):
+            raise ToolError("factorial takes one whole number from 0 to 70")
+        try:
+            return _check_size(_FUNCS[node.func.id](*args))
+        except (ValueError, TypeError) as e:
+            raise ToolError(f"{node.func.id}: {e}") from None
+        except OverflowError:
+            raise ToolError("result too large") from None
+    allowed = "numbers, + - * / // % **, parentheses, " + ", ".join(sorted(_FUNCS)) + ", pi, e"
+    raise ToolError(f"unsupported expression element {type(node).__name__}; allowed: {allowed}")
+
+
+def format_number(value: float | int, digits: int = 10) -> str:
+    """Integers plainly; other numbers to `digits` significant digits without trailing zeros."""
+    if isinstance(value, int):
+        return str(value)
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    text = f"{value:.{digits}g}"
+    if "e" in text:
+        return text
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression exactly (+ - * / ** %, parentheses, sqrt, round, ...).
+
+    Args:
+        expression: e.g. 84.5*1.15/3
+    """
+    expression = expression.strip()
+    if not expression:
+        raise ToolError("empty expression")
+    if len(expression) > MAX_EXPRESSION_CHARS:
+        raise ToolError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
+    try:
+        tree = ast.parse(expression.replace("^", "**").replace("×", "*").replace("÷", "/"), mode="eval")
+    except SyntaxError:
+        raise ToolError(f"not an arithmetic expression: {expression[:80]!r}") from None
+    return format_number(_eval(tree))
+
+
+_UNITS: Any = None
+
+
+def _unit_registry() -> Any:
+    global _UNITS
+    if _UNITS is None:
+        import pint
+
+        _UNITS = pint.UnitRegistry(autoconvert_offset_to_baseunit=True)
+    return _UNITS
+
+
+def convert_units(value: float, from_unit: str, to_unit: str) -> str:
+    """Convert a quantity between units (length, mass, volume, temperature, speed, ...).
+
+    Args:
+        value: the quantity to convert
+        from_unit: e.g. mile, kg, degF
+        to_unit: e.g. km, lb, degC
+    """
+    import pint
+
+    ureg = _unit_registry()
+    for unit in (from_unit, to_unit):
+        if len(unit) > 40 or not re.fullmatch(r"[A-Za-z°µ/ _*^0-9.-]+", unit):
+            raise ToolError(f"not a unit: {unit[:40]!r}")
+    try:
+        converted = ureg.Quantity(value, from_unit.replace("°", "deg")).to(to_unit.replace("°", "deg")).magnitude
+    except pint.errors.DimensionalityError:
+        raise ToolError(f"cannot convert {from_unit} to {to_unit}: different kinds of quantity") from None
+    except (pint.errors.UndefinedUnitError, AttributeError, ValueError, TypeError):
+        raise ToolError(f"unknown unit in {from_unit!r} or {to_unit!r}") from None
+    return f"{format_number(float(converted), 6)} {to_unit}"
+
+
+def current_time(timezone: str) -> str:
+    """The current date and time in an IANA time zone.
+
+    Args:
+        timezone: IANA zone, e.g. Europe/Berlin
+    """
+    import zoneinfo
+
+    try:
+        zone = zoneinfo.ZoneInfo(timezone.strip())
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, IsADirectoryError):
+        raise ToolError(f"unknown time zone {timezone[:60]!r}; use an IANA name like Europe/Berlin") from None
+    now = dt.datetime.now(zone)
+    offset = now.strftime("%z")
+    return f"{now:%Y-%m-%d %H:%M} ({now:%A}), {timezone.strip()}, UTC{offset[:3]}:{offset[3:]}"
+
+
+def builtin_tools() -> list[Tool]:
+    return [tool_from_function(calculator), tool_from_function(convert_units), tool_from_function(current_time)]
