@@ -51,12 +51,15 @@ def format_decision(d: Decision, bot_name: str) -> str:
     why = " · addressed" if d.addressed else ""
     reply_time = f" (+{d.reply_ms:.0f} ms reply)" if d.reply_ms is not None else ""
     head = f"  [cyan]{escape(bot_name)} · responds · p={d.p_respond:.2f}{why} · {timing}{reply_time}[/]"
-    body = d.response or ""
-    for call in d.tool_calls:
-        body += f"\n    [yellow]tool call[/] {escape(call.name)}({escape(json.dumps(call.arguments, ensure_ascii=False))})"
-    if not body.strip():
-        body = "[dim](empty reply)[/]"
-    return f"{head}\n  [bold cyan]{escape(bot_name)}:[/] {body if d.tool_calls else escape(body)}"
+    body = escape(d.response or "") if (d.response or "").strip() else "[dim](empty reply)[/]"
+    trace = ""
+    results = list(d.tool_results)
+    for i, call in enumerate(d.tool_calls):
+        trace += f"\n    [yellow]tool call[/] {escape(call.name)}({escape(json.dumps(call.arguments, ensure_ascii=False))})"
+        if i < len(results):
+            colour = "green" if results[i].ok else "red"
+            trace += f" [{colour}]→ {escape(results[i].content)}[/]"
+    return f"{head}{trace}\n  [bold cyan]{escape(bot_name)}:[/] {body}"
 
 
 def run_script(engine: Engine, lines: list[tuple[str, str]], as_json: bool, out: TextIO, console: Console) -> None:

@@ -45,6 +45,10 @@ class EngineConfig:
     max_context_tokens: int = 4096  # history budget per channel, system header included
     context_keep_ratio: float = 0.75  # after overflow, keep this share of the budget
     max_message_chars: int = 2000  # longer messages are truncated with a marker
+    # Tools: built-in names (calculator, convert_units, current_time) or "package.module:function" for a
+    # deployer's typed, documented function. Only listed tools can run; [] turns tool execution off.
+    tools: list[str] = field(default_factory=lambda: ["calculator", "convert_units", "current_time"])
+    max_tool_rounds: int = 3  # call -> results -> answer rounds per reply
     # Replies
     max_new_tokens: int = 160
     temperature: float = 0.7  # 0 means greedy
@@ -62,6 +66,8 @@ class EngineConfig:
             raise ConfigError(f"max_context_tokens must be at least 256, got {self.max_context_tokens}")
         if self.max_message_chars < 16:
             raise ConfigError(f"max_message_chars must be at least 16, got {self.max_message_chars}")
+        if self.max_tool_rounds < 0:
+            raise ConfigError(f"max_tool_rounds must be >= 0, got {self.max_tool_rounds}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.temperature < 0:

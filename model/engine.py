@@ -43,8 +43,10 @@ import torch
 from model.chat_format import BotTurn, ChatFormat, parse_reply
 from model.config import EngineConfig
 from model.conversation import Message, ToolCall
+from model.errors import ConfigError
 from model.loading import LoadedModel, load_model, release_memory, resolve_threshold
 from model.runner import Runner, build_runner
+from model.tools import ToolRegistry, ToolResult, registry_from_names
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class Decision:
     response: str | None = None
     tool_calls: list[ToolCall] = field(default_factory=list)
     tool_call_errors: list[str] = field(default_factory=list)
+    tool_results: list[ToolResult] = field(default_factory=list)
     reply_ms: float | None = None
     reply_tokens: int = 0
     forward_tokens: int = 0  # tokens the decision's forward pass actually ran
@@ -80,6 +83,7 @@ class Decision:
             "p_respond": round(self.p_respond, 6),
             "response": self.response,
             "tool_calls": [c.to_dict() for c in self.tool_calls],
+            "tool_results": [{"name": r.name, "ok": r.ok, "content": r.content} for r in self.tool_results],
             "latency_ms": round(self.latency_ms, 2),
             "addressed": self.addressed,
             "reply_ms": None if self.reply_ms is None else round(self.reply_ms, 2),
@@ -150,6 +154,10 @@ class Engine:
 
     def __init__(self, runner: Runner, fmt: ChatFormat, config: EngineConfig, model_name: str = "model"):
         self.runner = runner
+        try:
+            self.tools: ToolRegistry | None = registry_from_names(config.tools) if config.tools else None
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"tools: {e}") from e
         self.fmt = fmt
         self.config = config
         if config.threshold is None:
@@ -395,13 +403,30 @@ class Engine:
         with self._lock:
             d = self.decide(channel_id, msg)
             if d.decision == "respond":
+                start = time.perf_counter()
                 reply = self.generate(channel_id)
+                d.tool_calls, d.tool_call_errors = list(reply.tool_calls), list(reply.errors)
+                tokens = reply.n_tokens
+                rounds = 0
+                # The tool loop: calls -> validated, bounded execution -> results as tool turns -> answer.
+                while reply.tool_calls and self.tools is not None and rounds < self.config.max_tool_rounds:
+                    self.commit(channel_id, BotTurn(kind="response", text=reply.text, tool_calls=tuple(reply.tool_calls)))
+                    for call in reply.tool_calls:
+                        result = self.tools.execute(call)
+                        d.tool_results.append(result)
+                        self.add_message(channel_id, Message(role="tool", name=result.name, content=result.content))
+                    reply = self.generate(channel_id)
+                    d.tool_calls.extend(reply.tool_calls)
+                    d.tool_call_errors.extend(reply.errors)
+                    tokens += reply.n_tokens
+                    rounds += 1
                 d.response = reply.text
-                d.tool_calls = reply.tool_calls
-                d.tool_call_errors = reply.errors
-                d.reply_ms = reply.ms
-                d.reply_tokens = reply.n_tokens
-                self.commit(channel_id, BotTurn(kind="response", text=reply.text, tool_calls=tuple(reply.tool_calls)))
+                d.reply_ms = (time.perf_counter() - start) * 1000
+                d.reply_tokens = tokens
+                # Out of rounds, calls left unexecuted are dropped from the history (tools on), or kept as
+                # reported calls when execution is off.
+                final_calls = () if self.tools is not None else tuple(reply.tool_calls)
+                self.commit(channel_id, BotTurn(kind="response", text=reply.text, tool_calls=final_calls))
             else:
                 self.commit(channel_id, BotTurn(kind="silence"))
             self.prefill(channel_id)

@@ -407,3 +407,24 @@ def current_time(timezone: str) -> str:
 
 def builtin_tools() -> list[Tool]:
     return [tool_from_function(calculator), tool_from_function(convert_units), tool_from_function(current_time)]
+
+
+def registry_from_names(names: list[str]) -> ToolRegistry:
+    """Built-ins by name, and deployer functions as "package.module:function"."""
+    import importlib
+
+    builtins = {t.name: t for t in builtin_tools()}
+    registry = ToolRegistry()
+    for name in names:
+        if name in builtins:
+            registry.register(builtins[name])
+            continue
+        module, sep, attr = name.partition(":")
+        if not sep:
+            raise ValueError(f"unknown tool {name!r}: built-ins are {', '.join(builtins)}; others are 'package.module:function'")
+        try:
+            func = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot import tool {name!r}: {e}") from e
+        registry.register(tool_from_function(func))
+    return registry

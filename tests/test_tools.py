@@ -149,3 +149,50 @@ def test_fuzz_execute_never_raises_and_runs_only_listed_tools(name, arguments):
 def test_fuzz_calculator_expressions(expression):
     result = run("calculator", expression=expression)
     assert result.ok or result.content.startswith("error: ")
+
+
+def _scripted(engine, replies):
+    from model.engine import Reply
+
+    queue = list(replies)
+    seen_before = []
+
+    def generate(channel_id, max_new_tokens=None, min_new_tokens=0):
+        seen_before.append(engine.channel(channel_id).turns[-1].kind)
+        text, calls = queue.pop(0)
+        return Reply(text=text, tool_calls=calls, errors=[], n_tokens=5, ms=1.0)
+
+    engine.generate = generate
+    return seen_before
+
+
+def test_engine_tool_loop_runs_listed_tools_and_answers(tiny_engine_factory):
+    from model.engine import IncomingMessage
+
+    engine = tiny_engine_factory(threshold=0.0)
+    seen = _scripted(engine, [("", [ToolCall("calculator", {"expression": "84.5*1.15/3"}), ToolCall("rm_rf", {"path": "/"})]),
+                              ("That's 32.39 each.", [])])
+    d = engine.handle("c", IncomingMessage("ana", "what's a 15% tip on 84.50 split three ways?"))
+    assert d.decision == "respond" and d.response == "That's 32.39 each."
+    assert [(r.name, r.ok, r.content) for r in d.tool_results] == [
+        ("calculator", True, "32.39166667"), ("rm_rf", False, "error: unknown tool 'rm_rf'; available: calculator, convert_units, current_time")]
+    assert seen == ["human", "tool"]  # the second generation sees the tool results
+    kinds = [t.kind for t in engine.channel("c").turns]
+    assert kinds[-4:] == ["bot", "tool", "tool", "bot"]
+    assert d.to_json()["tool_results"][0]["content"] == "32.39166667"
+
+
+def test_engine_tool_rounds_are_bounded_and_tools_can_be_off(tiny_engine_factory):
+    from model.engine import IncomingMessage
+
+    engine = tiny_engine_factory(threshold=0.0, max_tool_rounds=2)
+    loop = ("", [ToolCall("calculator", {"expression": "1+1"})])
+    _scripted(engine, [loop, loop, loop])
+    d = engine.handle("c", IncomingMessage("ana", "spin"))
+    assert len(d.tool_results) == 2 and d.response == ""
+    off = tiny_engine_factory(threshold=0.0, tools=[])
+    _scripted(off, [loop])
+    d = off.handle("c", IncomingMessage("ana", "1+1?"))
+    assert off.tools is None and d.tool_results == [] and d.tool_calls == loop[1]
+    with pytest.raises(Exception, match="tools"):
+        tiny_engine_factory(tools=["os:system"])
