@@ -124,9 +124,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         conversations.extend(convs[: args.limit] if args.limit is not None else convs)
     runs = {"model": _eval_run(config, conversations, args)}
     if args.baseline:
-        from model.config import EngineConfig
+        import dataclasses
 
-        base = EngineConfig(**{**config.__dict__, "adapter": None, "prompt": "instructed", "threshold": 0.5})
+        base = dataclasses.replace(config, adapter=None, prompt="instructed", threshold=0.5, named_threshold=None)
         runs["baseline"] = _eval_run(base, conversations, args)
     files = ", ".join(args.file)
     for metrics, _ in runs.values():
@@ -391,14 +391,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from training.corpus import main as corpus_main
+    from training.corpus import run
 
-    argv = [args.action, *args.files] + (["--imported"] if args.imported else [])
-    if args.dev_fraction is not None:
-        argv += ["--dev-fraction", str(args.dev_fraction)]
-    if args.root:
-        argv += ["--root", args.root]
-    return corpus_main(argv)
+    return run(args)
 
 
 # ---------------------------------------------------------------------------- parser
@@ -458,12 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("data", help="check conversation files, or count them by source and label")
-    p.add_argument("action", choices=["check", "stats", "split"])
-    p.add_argument("files", nargs="+")
-    p.add_argument("--imported", action="store_true", help="skip the authored-corpus size rules")
-    p.add_argument("--dev-fraction", type=float, help="split: share of ids that go to dev (default 0.2)")
-    p.add_argument("--root", help="split: writes ROOT/train/NAME and ROOT/dev/NAME (default conversations)")
+    from training.corpus import add_arguments as add_data_arguments
+
+    p = sub.add_parser("data", help="check conversation files, count them by label, split them into train/dev")
+    add_data_arguments(p)
     p.set_defaults(func=cmd_data)
 
     from training.importers import add_import_command

@@ -132,6 +132,17 @@ def names_bot(text: str, bot_name: str) -> bool:
     return re.search(r"(?<!\w)@?" + re.escape(bot_name.strip()) + r"(?!\w)", text or "", re.IGNORECASE) is not None
 
 
+def decision_rule(
+    p_respond: float, addressed: bool, named: bool, threshold: float, named_threshold: float | None, always_answer_mentions: bool
+) -> tuple[bool, float]:
+    """(speak, threshold used): the named threshold for messages naming the bot; an @mention may force a reply.
+
+    The one rule for live decisions and for re-deciding evaluation rows at other thresholds.
+    """
+    used = named_threshold if named and named_threshold is not None else threshold
+    return p_respond >= used or (addressed and always_answer_mentions), used
+
+
 def mentions_bot(text: str, bot_name: str) -> bool:
     """True when `text` contains `@BotName` (case-insensitive, not followed by a word character)."""
     return re.search("@" + re.escape(bot_name.strip()) + r"(?!\w)", text or "", re.IGNORECASE) is not None
@@ -320,14 +331,6 @@ class Engine:
             _, n = self._sync(ch, ch.window_ids() + self.fmt.human_header_ids, need_output=False)
             return n
 
-    def threshold_for(self, text: str, bot_name: str) -> float:
-        """The named threshold when the message names the bot, else the threshold."""
-        named = self.config.named_threshold
-        if named is not None and names_bot(text, bot_name):
-            return named
-        assert self.config.threshold is not None
-        return self.config.threshold
-
     def decide(self, channel_id: str, msg: IncomingMessage) -> Decision:
         """Add the message and decide whether to respond; generates nothing."""
         with self._lock:
@@ -344,8 +347,11 @@ class Engine:
             if math.isnan(p):
                 p = 0.0
             addressed = msg.addressed if msg.addressed is not None else mentions_bot(msg.content, ch.bot_name)
-            threshold = self.threshold_for(msg.content, ch.bot_name)
-            speak = p >= threshold or (addressed and self.config.always_answer_mentions)
+            assert self.config.threshold is not None
+            speak, threshold = decision_rule(
+                p, addressed, names_bot(msg.content, ch.bot_name), self.config.threshold, self.config.named_threshold,
+                self.config.always_answer_mentions,
+            )
             return Decision(
                 name=msg.name,
                 content=msg.content,

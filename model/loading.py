@@ -229,7 +229,9 @@ def resolve_threshold(config: EngineConfig, adapter: str | None) -> tuple[float,
 
     if config.threshold is not None:
         return config.threshold, config.named_threshold if config.named_threshold is not None else config.threshold
-    threshold = stored("threshold") or 0.5
+    threshold = stored("threshold")
+    if threshold is None:
+        threshold = 0.5
     named = config.named_threshold if config.named_threshold is not None else stored("named_threshold")
     return threshold, named if named is not None else threshold
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from model.chat_format import ChatFormat, show_loss_mask
 from model.conversation import Conversation, Message, ToolCall, read_conversations, write_conversations
 from model.errors import ConfigError
 from training.dataset import (
@@ -34,37 +33,6 @@ THREE_PEOPLE = Conversation(
         Message(role="user", name="Ana", content="thanks Pip"),
     ],
 )
-
-
-def trained_spans(fmt: ChatFormat, conv: Conversation) -> list[str]:
-    marked = show_loss_mask(fmt, fmt.render_conversation(conv))
-    out, rest = [], marked
-    while "⟦" in rest:
-        rest = rest.split("⟦", 1)[1]
-        span, rest = rest.split("⟧", 1)
-        out.append(span)
-    return out
-
-
-@pytest.mark.integration
-def test_loss_mask_three_people_real_template():
-    """Pinned: on SmolLM2's ChatML template only the bot's bodies and <|im_end|> are trained."""
-    from model.loading import load_tokenizer, prepare_default_model
-
-    fmt = ChatFormat(load_tokenizer(str(prepare_default_model())))
-    spans = trained_spans(fmt, THREE_PEOPLE)
-    assert spans == [
-        "(silence)<|im_end|>",
-        "(silence)<|im_end|>",
-        '(response) <tool_call>{"name": "calculator", "arguments": {"expression": "84*0.15"}}</tool_call><|im_end|>',
-        "(response) 12.6<|im_end|>",
-        "(silence)<|im_end|>",
-    ]
-    text = show_loss_mask(fmt, fmt.render_conversation(THREE_PEOPLE))
-    # Human turns and the tool result are context, never trained.
-    for context in ("Ana: who is up for pizza?", "Ben: me", "Cy: Pip, 84 * 0.15?", "calculator: 12.6", "Ana: thanks Pip"):
-        assert context in text
-        assert not any(context in s for s in spans)
 
 
 def test_examples_weights_and_labels(tiny_format):

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from model.conversation import Conversation, read_conversations, scored_messages
 
@@ -222,17 +223,17 @@ def stats(convs: Iterable[Conversation]) -> Stats:
     return s
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m training.corpus check|stats FILE...` (also `chime data ...`)."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="chime data")
+def add_arguments(ap: Any) -> None:
+    """The arguments of `chime data` (and `python -m training.corpus`)."""
     ap.add_argument("action", choices=["check", "stats", "split"])
     ap.add_argument("files", nargs="+")
     ap.add_argument("--imported", action="store_true", help="skip the authored-corpus size rules")
     ap.add_argument("--dev-fraction", type=float, default=DEV_FRACTION, help="split: share of ids that go to dev")
     ap.add_argument("--root", default="conversations", help="split: writes ROOT/train/NAME and ROOT/dev/NAME")
-    args = ap.parse_args(argv)
+
+
+def run(args: Any) -> int:
+    """check: lint (exit 1 on problems); stats: counts by label per file; split: train/dev by id."""
     if args.action == "split":
         for path in args.files:
             counts = split_file(path, args.root, args.dev_fraction)
@@ -251,6 +252,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_file[str(path)] = stats(read_conversations(path)).to_dict()
     print(json.dumps(per_file, indent=1, ensure_ascii=False))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m training.corpus check|stats|split FILE...` (the same as `chime data ...`)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="chime data")
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

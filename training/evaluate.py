@@ -22,7 +22,7 @@ from typing import Any
 
 from model.chat_format import BotTurn
 from model.conversation import Conversation, ToolCall, scored_messages
-from model.engine import Engine, IncomingMessage, names_bot
+from model.engine import Engine, IncomingMessage, decision_rule, names_bot
 
 TOOL_CALL_MAX_NEW_TOKENS = 96
 
@@ -233,8 +233,7 @@ def rows_at(
     """The same rows decided again at other thresholds (the model's P(respond) does not change)."""
     out = []
     for r in rows:
-        t = named_threshold if named_threshold is not None and r.names_bot else threshold
-        speak = r.p_respond >= t or (always_answer_mentions and r.addressed)
+        speak, _ = decision_rule(r.p_respond, r.addressed, r.names_bot, threshold, named_threshold, always_answer_mentions)
         out.append(dataclasses.replace(r, decision="respond" if speak else "silence"))
     return out
 

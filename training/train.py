@@ -27,12 +27,10 @@ from typing import Any
 
 from model.config import DEFAULT_MODEL
 from model.errors import ConfigError
+from model.loading import ADAPTER_META
 from training.recipe import Recipe
 
 log = logging.getLogger(__name__)
-
-ADAPTER_META = "chime_adapter.json"
-
 
 def resolve_train_dtype(recipe: Recipe, device: str) -> Any:
     """fp32 on CPU unless asked otherwise (bf16 training there is ~25x slower), bf16 on CUDA."""
@@ -312,9 +310,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     gc.collect()
     if recipe.evaluate:
         card["evaluation"] = evaluate_adapter(recipe, str(adapter_dir))
-    write_adapter_meta(adapter_dir, recipe, card)
-    write_card(out, card)
-    write_card(adapter_dir, card)
+    save_card(out, adapter_dir, recipe, card)
     return TrainResult(str(out), str(adapter_dir), card)
 
 
@@ -387,10 +383,15 @@ def recalibrate(recipe: Recipe) -> dict[str, Any]:
     card = json.loads(card_path.read_text())
     card["recipe"].update({k: v for k, v in dataclasses.asdict(recipe).items() if k.startswith("calibration_") or k in ("dev_files", "eval_limit")})
     card["evaluation"] = evaluate_adapter(recipe, str(adapter_dir))
+    save_card(out, adapter_dir, recipe, card)
+    return card
+
+
+def save_card(out: Path, adapter_dir: Path, recipe: Recipe, card: dict[str, Any]) -> None:
+    """The engine's metadata next to the adapter, and the run card in the run and adapter directories."""
     write_adapter_meta(adapter_dir, recipe, card)
     write_card(out, card)
     write_card(adapter_dir, card)
-    return card
 
 
 def write_adapter_meta(adapter_dir: Path, recipe: Recipe, card: dict[str, Any]) -> None:
