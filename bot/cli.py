@@ -4,6 +4,7 @@
     chime eval FILE.jsonl [--json] [--details OUT]   score decisions on conversation files
     chime bench decide|generate|memory [--json]      latency, reply speed and memory benchmarks
     chime render FILE.jsonl [--index N]              show a rendered conversation, trained tokens marked
+    chime bfcl [--categories ...] [--limit N]        tool calling on BFCL, scored by bfcl-eval's checker
 
 Every command takes the engine settings (`--config chime.yaml`, `--model`, `--adapter`,
 `--threshold`, ...). Errors print as one line and exit with status 2.
@@ -209,7 +210,7 @@ def _print_side_by_side(runs: dict[str, dict[str, Any]]) -> None:
     for name in runs:
         table.add_column(name, justify="right")
     keys = ["macro_f1", "respond_precision", "respond_recall", "false_interruption_rate", "missed_intervention_rate",
-            "addressed_recall", "tool_call_accuracy", "roc_auc", "threshold", "named_threshold", "n_scored", "adapter", "prompt", "decision_p50_ms"]
+            "addressed_recall", "tool_call_accuracy", "tool_call_result_accuracy", "roc_auc", "threshold", "named_threshold", "n_scored", "adapter", "prompt", "decision_p50_ms"]
     for key in keys:
         cells = []
         for m in runs.values():
@@ -344,14 +345,17 @@ def cmd_render(args: argparse.Namespace) -> int:
     from model.config import DEFAULT_MODEL
     from model.conversation import read_conversations
     from model.loading import load_tokenizer, prepare_default_model
+    from model.tools import registry_from_names
+    from training.dataset import with_prompt_tools
 
     config = _engine_config(args)
     path = str(prepare_default_model()) if config.model == DEFAULT_MODEL else config.model
-    fmt = ChatFormat(load_tokenizer(path), max_message_chars=config.max_message_chars)
+    fmt = ChatFormat(load_tokenizer(path), max_message_chars=config.max_message_chars, tool_format=config.tool_format)
     conversations = read_conversations(args.file, default_bot_name=config.bot_name)
     if not 0 <= args.index < len(conversations):
         raise ChimeError(f"--index must be between 0 and {len(conversations) - 1}")
-    rendered = fmt.render_conversation(conversations[args.index], bot_name=config.bot_name)
+    conv = with_prompt_tools(conversations[args.index], registry_from_names(config.tools).schemas(), config.max_prompt_tools)
+    rendered = fmt.render_conversation(conv, bot_name=config.bot_name)
     print(show_loss_mask(fmt, rendered))
     trained = sum(rendered.loss_mask)
     print(f"\n# {len(rendered.input_ids)} tokens, {trained} trained (inside ⟦ ⟧)", file=sys.stderr)
@@ -387,6 +391,34 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary["named_threshold"] = ev["named_threshold"]
         summary["dev"] = {k: ev["calibrated"][k] for k in ("macro_f1", "false_interruption_rate", "missed_intervention_rate", "addressed_recall")}
     print(json.dumps(summary))
+    return 0
+
+
+def cmd_bfcl(args: argparse.Namespace) -> int:
+    from training.bfcl import CATEGORIES, bfcl_python, format_table, progress_to_stderr, run_bfcl, write_details
+
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()]
+    unknown = [c for c in categories if c not in CATEGORIES]
+    if unknown:
+        raise ChimeError(f"unknown BFCL categories: {', '.join(unknown)}; choose from {', '.join(CATEGORIES)}")
+    python = bfcl_python(args.bfcl_python)  # fail before loading the model
+    config = _engine_config(args)
+    if args.temperature is None:
+        config.temperature = 0.0
+    from model.engine import Engine
+
+    engine = Engine.from_config(config)
+    summary, details = run_bfcl(
+        engine, categories, args.limit, python, args.max_prompt_tools, None if args.quiet else progress_to_stderr
+    )
+    summary.update(adapter=engine.adapter, model=engine.model_name, tool_format=engine.fmt.tool_format.name)
+    if args.details:
+        write_details(args.details, details)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_table(summary))
+        print(f"{summary['seconds']} s; adapter {summary['adapter']}; tool format {summary['tool_format']}")
     return 0
 
 
@@ -452,6 +484,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate-only", action="store_true", help="re-run the dev evaluation and calibration of output_dir/adapter")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bfcl", help="tool-calling accuracy on BFCL, scored by bfcl-eval's own AST checker")
+    p.add_argument("--categories", default="simple_python,multiple,parallel,parallel_multiple,irrelevance",
+                   help="comma-separated BFCL non-live categories")
+    p.add_argument("--limit", type=int, help="the first N entries of each category")
+    p.add_argument("--max-prompt-tools", type=int, help="show only the K functions BM25 ranks highest for the question")
+    p.add_argument("--bfcl-python", help="Python of the environment with bfcl-eval (default .venv-bfcl/bin/python)")
+    p.add_argument("--details", help="write one JSON row per entry (reply, calls, verdict) to this file")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_bfcl)
 
     from training.corpus import add_arguments as add_data_arguments
 

@@ -46,13 +46,22 @@ from typing import Any, Literal
 
 from model.conversation import Conversation, Message, ToolCall
 from model.errors import ChatTemplateError
+from model.tool_format import (
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    ParsedReply,
+    ToolFormat,
+    get_tool_format,
+    normalize_schema,
+)
+
+__all__ = ["TOOL_CALL_CLOSE", "TOOL_CALL_OPEN", "ParsedReply"]  # re-exported for callers of the chat format
+_PLAIN = ToolFormat()
 
 log = logging.getLogger(__name__)
 
 SILENCE_MARKER = "(silence)"
 RESPONSE_MARKER = "(response)"
-TOOL_CALL_OPEN = "<tool_call>"
-TOOL_CALL_CLOSE = "</tool_call>"
 MAX_NAME_CHARS = 48
 
 # Private-use characters: templates leave them alone, people practically never type them.
@@ -76,7 +85,6 @@ INSTRUCTED_PROMPT = (
 _MARKER_RE = re.compile(r"\(\s*(silence|response)\s*\)", re.IGNORECASE)
 _TOOL_TAG_RE = re.compile(r"<(/?)\s*(tool_call|tool_response|tool_result|tools)\s*>", re.IGNORECASE)
 _TEMPLATE_TOKEN_RE = re.compile(r"<\|([^|<>\n]{0,40})\|>")
-_TOOL_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
 
 
 def strip_invisible(text: str) -> str:
@@ -98,72 +106,38 @@ class BotTurn:
         assert msg.role == "assistant", f"not a bot message: {msg.role}"
         return cls(kind="response", text=msg.content.strip(), tool_calls=tuple(msg.tool_calls))
 
-    def rest_text(self) -> str:
-        """The body after the marker: the reply text and/or the tool calls."""
+    def rest_text(self, tool_format: ToolFormat = _PLAIN) -> str:
+        """The body after the marker: the reply text and/or the tool calls in `tool_format`."""
         if self.kind == "silence":
             return ""
         parts = []
         if self.text:
             parts.append(self.text)
-        for call in self.tool_calls:
-            payload = json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False)
-            parts.append(f"{TOOL_CALL_OPEN}{payload}{TOOL_CALL_CLOSE}")
+        if self.tool_calls:
+            parts.append(tool_format.render_calls(self.tool_calls))
         return (" " + " ".join(parts)) if parts else ""
 
-    def body(self) -> str:
+    def body(self, tool_format: ToolFormat = _PLAIN) -> str:
         marker = SILENCE_MARKER if self.kind == "silence" else RESPONSE_MARKER
-        return marker + self.rest_text()
+        return marker + self.rest_text(tool_format)
 
 
-@dataclass(frozen=True)
-class ParsedReply:
-    text: str
-    tool_calls: tuple[ToolCall, ...]
-    errors: tuple[str, ...] = ()
-
-
-def parse_reply(generated: str) -> ParsedReply:
+def parse_reply(generated: str, tool_format: ToolFormat = _PLAIN) -> ParsedReply:
     """Parse what the model generated after "(response)": reply text and tool calls.
 
     Calls that do not parse are reported in `errors`, never raised: a broken call is data.
     """
-    calls: list[ToolCall] = []
-    errors: list[str] = []
-    for raw in _TOOL_CALL_RE.findall(generated):
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            errors.append(f"tool call is not valid JSON: {e.msg}")
-            continue
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-            errors.append("tool call needs an object with a string 'name'")
-            continue
-        args = obj.get("arguments", {})
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
-                errors.append("tool call arguments are not valid JSON")
-                continue
-        if not isinstance(args, dict):
-            errors.append("tool call arguments must be an object")
-            continue
-        calls.append(ToolCall(name=obj["name"], arguments=args))
-    text = _TOOL_CALL_RE.sub("", generated)
-    if TOOL_CALL_OPEN in text:  # an unclosed call, e.g. cut by max_new_tokens
-        text, _, _ = text.partition(TOOL_CALL_OPEN)
-        errors.append("unterminated tool call")
-    return ParsedReply(text=text.strip(), tool_calls=tuple(calls), errors=tuple(errors))
+    return tool_format.parse(generated)
 
 
-def parse_bot_body(body: str) -> BotTurn:
+def parse_bot_body(body: str, tool_format: ToolFormat = _PLAIN) -> BotTurn:
     """Parse a whole bot turn body ("(silence)" or "(response) ..."); anything else counts as a response."""
     stripped = body.strip()
     if stripped.lower().startswith(SILENCE_MARKER):
         return BotTurn(kind="silence")
     if stripped.lower().startswith(RESPONSE_MARKER):
         stripped = stripped[len(RESPONSE_MARKER) :]
-    parsed = parse_reply(stripped)
+    parsed = parse_reply(stripped, tool_format)
     return BotTurn(kind="response", text=parsed.text, tool_calls=parsed.tool_calls)
 
 
@@ -214,13 +188,25 @@ class BotTurnIds:
 class ChatFormat:
     """Renders conversations with a tokenizer's chat template. Build once per tokenizer."""
 
-    def __init__(self, tokenizer: Any, max_message_chars: int = 2000, prompt: Literal["short", "instructed"] = "short"):
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_message_chars: int = 2000,
+        prompt: Literal["short", "instructed"] = "short",
+        tool_format: str = "auto",
+    ):
         self.tokenizer = tokenizer
         self.max_message_chars = max_message_chars
         self.prompt = prompt
-        if not getattr(tokenizer, "chat_template", None):
+        template = getattr(tokenizer, "chat_template", None)
+        if not template:
             raise ChatTemplateError("the tokenizer has no chat template; Chime needs one to render turns")
+        try:
+            self.tool_format: ToolFormat = get_tool_format(tool_format, template if isinstance(template, str) else None)
+        except ValueError as e:
+            raise ChatTemplateError(str(e)) from e
         self._special_strings = self._collect_special_strings(tokenizer)
+        self._template_tools_cache: dict[str, str | None] = {}
         self._probe_template()
         self._probe_markers()
 
@@ -235,10 +221,12 @@ class ChatFormat:
                 specials.add(content)
         return sorted((s for s in specials if s and len(s) > 1), key=len, reverse=True)
 
-    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+    def _render(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, tools: list[dict[str, Any]] | None = None
+    ) -> str:
         try:
             out = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools
             )
         except Exception as e:  # templates raise all sorts of jinja errors
             raise ChatTemplateError(f"the chat template cannot render {[m['role'] for m in messages]}: {e}") from e
@@ -359,16 +347,42 @@ class ChatFormat:
         )
         if self.prompt == "instructed":
             text = INSTRUCTED_PROMPT.format(bot=bot, silence=SILENCE_MARKER, response=RESPONSE_MARKER)
-        if tools:
-            schemas = json.dumps(list(tools), ensure_ascii=False, separators=(",", ":"))
-            text += (
-                f" You can call these tools: {schemas}. To call one, answer {RESPONSE_MARKER} "
-                f'{TOOL_CALL_OPEN}{{"name": ..., "arguments": {{...}}}}{TOOL_CALL_CLOSE}.'
-            )
+        if tools and self._template_tools(tools) is None:
+            text += self.tool_format.system_section(tools, RESPONSE_MARKER)
         return text
 
+    def _template_tools(self, tools: Sequence[dict[str, Any]]) -> str | None:
+        """The system turn as the chat template itself renders it with `tools=`, or None.
+
+        Used for families whose template lists tools (Qwen2.5, Hermes, ...); None where the template
+        ignores `tools` (SmolLM2), fails, or is not prefix-stable, and for the plain format.
+        """
+        if self.tool_format.name == "plain" or not tools:
+            return None
+        key = json.dumps(list(tools), sort_keys=True)
+        if key not in self._template_tools_cache:
+            wrapped = [{"type": "function", "function": normalize_schema(dict(t))} for t in tools]
+            result: str | None = None
+            try:
+                system = [{"role": "system", "content": _SLOT2}]
+                with_tools = self._render(system, tools=wrapped)
+                both = self._render(system + [{"role": "user", "content": _SLOT}], tools=wrapped)
+                if with_tools != self._system_template and both.startswith(with_tools) and with_tools.count(_SLOT2) == 1:
+                    result = with_tools
+            except ChatTemplateError:
+                result = None
+            if len(self._template_tools_cache) > 256:
+                self._template_tools_cache.clear()
+            self._template_tools_cache[key] = result
+        return self._template_tools_cache[key]
+
     def system_segment(self, bot_name: str, tools: Sequence[dict[str, Any]] = ()) -> str:
-        return self._system_template.replace(_SLOT2, self.system_text(bot_name, tools))
+        template = self._template_tools(tools) or self._system_template
+        return template.replace(_SLOT2, self.system_text(bot_name, tools))
+
+    def parse_reply(self, generated: str) -> ParsedReply:
+        """Reply text and tool calls from what the model generated after "(response)", in this model's format."""
+        return self.tool_format.parse(generated)
 
     def human_segment(self, name: str, text: str) -> str:
         return f"{self._user_pre}{self.clean_name(name)}: {self.clean_text(text)}{self._user_post}"
@@ -381,7 +395,7 @@ class ChatFormat:
         return f"{self._user_pre}[tool result] {tool}: {result}{self._user_post}"
 
     def bot_segment(self, turn: BotTurn) -> str:
-        return self._gen_prompt + self._bot_pre_body + turn.body() + self._bot_post
+        return self._gen_prompt + self._bot_pre_body + turn.body(self.tool_format) + self._bot_post
 
     # ------------------------------------------------------------------ turns as ids
 
@@ -407,7 +421,7 @@ class ChatFormat:
 
     def bot_turn_ids(self, turn: BotTurn) -> BotTurnIds:
         marker = self._silence_ids if turn.kind == "silence" else self._response_ids
-        rest = turn.rest_text()
+        rest = turn.rest_text(self.tool_format)
         body = list(marker) + (self.encode(rest) if rest else [])
         return BotTurnIds(list(self._gen_prompt_ids), body, list(self._end_ids), list(self._trailer_ids))
 
@@ -451,7 +465,7 @@ class ChatFormat:
             elif msg.role == "tool":
                 out.append({"role": "tool", "name": msg.name, "content": f"{self.clean_name(msg.name or 'tool')}: {self.clean_text(msg.content)}"})
             else:
-                out.append({"role": "assistant", "content": BotTurn.from_message(msg).body()})
+                out.append({"role": "assistant", "content": BotTurn.from_message(msg).body(self.tool_format)})
             if implicit is not None:
                 out.append({"role": "assistant", "content": implicit.body()})
         return out

@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from model.errors import ConfigError
+from model.tool_format import FORMATS
 
 T = TypeVar("T")
 
@@ -49,6 +50,10 @@ class EngineConfig:
     # deployer's typed, documented function. Only listed tools can run; [] turns tool execution off.
     tools: list[str] = field(default_factory=lambda: ["calculator", "convert_units", "current_time"])
     max_tool_rounds: int = 3  # call -> results -> answer rounds per reply
+    tool_format: str = "auto"  # auto (from the chat template) | plain | hermes | llama3 | glm4
+    max_prompt_tools: int = 8  # with more tools registered, list only the most relevant ones (BM25) per message
+    tool_calls_per_user_per_hour: int | None = 20  # None: no limit
+    tool_calls_per_channel_per_hour: int | None = 60  # None: no limit
     # Replies
     max_new_tokens: int = 160
     temperature: float = 0.7  # 0 means greedy
@@ -68,6 +73,13 @@ class EngineConfig:
             raise ConfigError(f"max_message_chars must be at least 16, got {self.max_message_chars}")
         if self.max_tool_rounds < 0:
             raise ConfigError(f"max_tool_rounds must be >= 0, got {self.max_tool_rounds}")
+        if self.tool_format != "auto" and self.tool_format not in FORMATS:
+            raise ConfigError(f"tool_format must be auto or one of {', '.join(FORMATS)}, got {self.tool_format!r}")
+        if self.max_prompt_tools < 1:
+            raise ConfigError(f"max_prompt_tools must be at least 1, got {self.max_prompt_tools}")
+        for name in ("tool_calls_per_user_per_hour", "tool_calls_per_channel_per_hour"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 or None, got {getattr(self, name)}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.temperature < 0:

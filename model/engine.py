@@ -29,6 +29,7 @@ Usage:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import re
@@ -40,15 +41,18 @@ from typing import Any, Literal
 
 import torch
 
-from model.chat_format import BotTurn, ChatFormat, parse_reply
+from model.chat_format import BotTurn, ChatFormat
 from model.config import EngineConfig
 from model.conversation import Message, ToolCall
 from model.errors import ConfigError
 from model.loading import LoadedModel, load_model, release_memory, resolve_threshold
 from model.runner import Runner, build_runner
-from model.tools import ToolRegistry, ToolResult, registry_from_names
+from model.tool_retrieval import ToolRetriever
+from model.tools import ToolBudget, ToolRegistry, ToolResult, registry_from_names
 
 log = logging.getLogger(__name__)
+
+RETRIEVAL_MESSAGES = 3  # the latest human messages that form the tool retrieval query (training uses the same)
 
 
 @dataclass
@@ -56,6 +60,7 @@ class IncomingMessage:
     name: str
     content: str
     addressed: bool | None = None  # platform-reported mention/reply; None: look for @BotName in the text
+    user_id: str | None = None  # the platform's id of the author (tool budgets); None: the display name
 
 
 @dataclass
@@ -116,6 +121,8 @@ class Channel:
     cache_ids: list[int] = field(default_factory=list)  # exactly the ids the runner state holds
     awaiting_bot_turn: bool = False
     rebuilds: int = 0
+    retrieved: bool = False  # tools chosen per message from the engine's registry (more than fit the prompt)
+    recent: list[str] = field(default_factory=list)  # the latest human messages: the tool retrieval query
 
     def window_ids(self) -> list[int]:
         ids = list(self.system_ids)
@@ -171,6 +178,9 @@ class Engine:
             raise ConfigError(f"tools: {e}") from e
         self.fmt = fmt
         self.config = config
+        self.tool_budget = ToolBudget(config.tool_calls_per_user_per_hour, config.tool_calls_per_channel_per_hour)
+        schemas = self.tools.schemas() if self.tools is not None else []
+        self.retriever = ToolRetriever(schemas) if len(schemas) > config.max_prompt_tools else None
         if config.threshold is None:
             config.threshold = 0.5
         if config.named_threshold is None:
@@ -192,7 +202,10 @@ class Engine:
         loaded: LoadedModel = load_model(config)
         config.threshold, config.named_threshold = resolve_threshold(config, loaded.adapter)
         config.adapter = loaded.adapter
-        fmt = ChatFormat(loaded.tokenizer, max_message_chars=config.max_message_chars, prompt=config.prompt)
+        fmt = ChatFormat(
+            loaded.tokenizer, max_message_chars=config.max_message_chars, prompt=config.prompt,
+            tool_format=config.tool_format,
+        )
         runner = build_runner(
             loaded.model,
             dtype=loaded.dtype,
@@ -209,21 +222,43 @@ class Engine:
     # ------------------------------------------------------------------ channels
 
     def channel(self, channel_id: str, bot_name: str | None = None, tools: Sequence[dict[str, Any]] | None = None) -> Channel:
-        """The channel's state, created on first use (bot name and tools fixed at creation)."""
+        """The channel's state, created on first use (bot name fixed at creation).
+
+        The prompt lists `tools` when given (a conversation file's own schemas), else the engine's
+        registered tools; with more registered than `max_prompt_tools`, the most relevant ones for
+        the latest messages (re-chosen per message; a changed set re-encodes the history once).
+        """
         with self._lock:
             ch = self._channels.get(channel_id)
             if ch is None:
                 name = bot_name or self.config.bot_name
-                tool_list = list(tools or [])
+                retrieved = tools is None and self.retriever is not None
+                if tools is not None:
+                    tool_list = list(tools)
+                elif self.retriever is not None:
+                    tool_list = self.retriever.select("", self.config.max_prompt_tools)
+                else:
+                    tool_list = self.tools.schemas() if self.tools is not None else []
                 ch = Channel(
                     id=channel_id,
                     bot_name=name,
                     tools=tool_list,
                     system_ids=self.fmt.system_ids(name, tool_list),
                     state=self.runner.new_state(),
+                    retrieved=retrieved,
                 )
                 self._channels[channel_id] = ch
             return ch
+
+    def _retrieve_tools(self, ch: Channel, text: str) -> None:
+        """Re-choose the channel's prompt tools for the latest human messages (retrieval channels only)."""
+        ch.recent = (ch.recent + [text])[-RETRIEVAL_MESSAGES:]
+        if not ch.retrieved or self.retriever is None:
+            return
+        chosen = self.retriever.select(" ".join(ch.recent), self.config.max_prompt_tools)
+        if [t["name"] for t in chosen] != [t["name"] for t in ch.tools]:
+            ch.tools = chosen
+            ch.system_ids = self.fmt.system_ids(ch.bot_name, chosen)
 
     def reset(self, channel_id: str) -> None:
         with self._lock:
@@ -337,6 +372,7 @@ class Engine:
             start = time.perf_counter()
             ch = self.channel(channel_id)
             self._close_pending(ch)
+            self._retrieve_tools(ch, msg.content)
             ids = self.fmt.human_ids(msg.name, msg.content)
             self._fit(ch, len(ids))
             ch.turns.append(_Turn("human", ids))
@@ -383,7 +419,7 @@ class Engine:
                 generated.append(token)
                 out = self.runner.extend(ch.state, [token])
                 ch.cache_ids.append(token)
-            parsed = parse_reply(self.fmt.decode(generated))
+            parsed = self.fmt.parse_reply(self.fmt.decode(generated))
             return Reply(
                 text=parsed.text,
                 tool_calls=list(parsed.tool_calls),
@@ -418,8 +454,11 @@ class Engine:
                 while reply.tool_calls and self.tools is not None and rounds < self.config.max_tool_rounds:
                     self.commit(channel_id, BotTurn(kind="response", text=reply.text, tool_calls=tuple(reply.tool_calls)))
                     for call in reply.tool_calls:
-                        result = self.tools.execute(call)
+                        refused = self.tool_budget.take(msg.user_id or msg.name, channel_id)
+                        result = ToolResult(call.name[:64], False, f"error: {refused}") if refused else self.tools.execute(call)
                         d.tool_results.append(result)
+                        log.info("channel %s: tool %s(%s) -> %s", channel_id, call.name[:64],
+                                 json.dumps(call.arguments, ensure_ascii=False, default=str)[:200], result.content[:200])
                         self.add_message(channel_id, Message(role="tool", name=result.name, content=result.content))
                     reply = self.generate(channel_id)
                     d.tool_calls.extend(reply.tool_calls)

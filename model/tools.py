@@ -19,12 +19,15 @@ Built-ins (the names and argument shapes the training corpus uses, `training/cor
 from __future__ import annotations
 
 import ast
+import collections
 import concurrent.futures
 import datetime as dt
 import inspect
 import math
 import operator
 import re
+import threading
+import time
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -245,6 +248,46 @@ class ToolRegistry:
         except Exception as e:  # a deployer's tool failed: report it, keep serving
             return ToolResult(tool.name, False, f"error: {tool.name} failed: {type(e).__name__}: {str(e)[:200]}", args)
         return ToolResult(tool.name, True, str(value), args)
+
+
+class ToolBudget:
+    """Sliding-window limits on tool calls per person and per channel (None: no limit).
+
+    `take` records a call and returns None when both budgets allow it, or the reason it is refused;
+    a refused call is not run and counts against nothing.
+    """
+
+    def __init__(
+        self,
+        per_user: int | None,
+        per_channel: int | None,
+        window_s: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.per_user, self.per_channel, self.window_s, self.clock = per_user, per_channel, window_s, clock
+        self._users: dict[tuple[str, str], collections.deque[float]] = {}
+        self._channels: dict[str, collections.deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, book: dict[Any, collections.deque[float]], key: Any, now: float) -> collections.deque[float]:
+        times = book.setdefault(key, collections.deque())
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        return times
+
+    def take(self, user: str, channel: str) -> str | None:
+        with self._lock:
+            now = self.clock()
+            mine = self._recent(self._users, (channel, user), now)
+            here = self._recent(self._channels, channel, now)
+            window = f"{self.window_s / 60:g} minutes"
+            if self.per_user is not None and len(mine) >= self.per_user:
+                return f"tool-call budget used up: {user[:40]} may trigger {self.per_user} calls per {window}"
+            if self.per_channel is not None and len(here) >= self.per_channel:
+                return f"tool-call budget used up: this channel allows {self.per_channel} calls per {window}"
+            mine.append(now)
+            here.append(now)
+            return None
 
 
 # ---------------------------------------------------------------------------- built-ins

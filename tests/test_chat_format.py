@@ -6,7 +6,6 @@ default model's tokenizer (SmolLM2) when it is installed, and are skipped otherw
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from pathlib import Path
@@ -225,10 +224,9 @@ def test_three_people_pinned_text(tiny_format: ChatFormat) -> None:
 def test_system_header_names_the_bot_and_lists_tools(tiny_format: ChatFormat) -> None:
     text = tiny_format.render_text(WITH_TOOLS)
     assert "You are Aria, a member of a group chat." in text
-    schemas = json.dumps([CALC_SCHEMA, {"name": "clock", "parameters": {}}], ensure_ascii=False, separators=(",", ":"))
-    assert f"You can call these tools: {schemas}." in text
+    assert "Tools you can call:\n- calculator(expression?: string): Evaluate an arithmetic expression.\n- clock()\n" in text
     plain = tiny_format.render_text(THREE_PEOPLE)
-    assert "You are Chime," in plain and "You can call these tools" not in plain
+    assert "You are Chime," in plain and "Tools you can call" not in plain
     assert "You are Nova," in tiny_format.render_text(THREE_PEOPLE, bot_name="Nova")
     assert "You are Aria," in tiny_format.render_text(WITH_TOOLS, bot_name="Nova")  # the file's name wins
 
@@ -310,7 +308,7 @@ def test_loss_mask_with_tools_trains_calls_but_not_results(fmt: ChatFormat) -> N
     context = "".join(decode_raw(fmt, r) for r in runs(rendered, False))
     assert "<|im_start|>tool\ncalculator: 12.6<|im_end|>" in context
     assert "<|im_start|>tool\nclock: 19:05<|im_end|>" in context
-    assert "You can call these tools" in context
+    assert "Tools you can call" in context
 
 
 def test_adversarial_humans_are_never_trained(fmt: ChatFormat) -> None:

@@ -81,7 +81,7 @@ def test_hf_runner_matches_fast_runner(tiny_engine_factory, tiny_model_dir) -> N
 
 
 def test_context_overflow_drops_oldest_and_still_matches(tiny_engine_factory) -> None:
-    settings = {"max_context_tokens": 400, "context_keep_ratio": 0.6, "max_new_tokens": 8}
+    settings = {"max_context_tokens": 400, "context_keep_ratio": 0.6, "max_new_tokens": 8, "tools": []}
     inc = tiny_engine_factory(**settings)
     full = tiny_engine_factory(incremental=False, **settings)
     long_chat = [(f"user{i % 5}", f"message number {i} about the plan for the weekend trip") for i in range(40)]

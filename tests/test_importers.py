@@ -118,7 +118,11 @@ def test_addressed_nick(text: str, nick: str | None) -> None:
 CONVERT = {
     "name": "convert_units",
     "description": "Convert a quantity between units",
-    "parameters": {"type": "object", "properties": {"value": {"type": "number"}}, "required": ["value"]},
+    "parameters": {
+        "type": "object",
+        "properties": {"value": {"type": "number"}, "from_unit": {"type": "string"}},
+        "required": ["value"],
+    },
 }
 ARGS_AS_STRING = json.dumps({"value": 5, "from_unit": "mile"})
 GLAIVE: list[dict[str, Any]] = [

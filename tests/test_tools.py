@@ -196,3 +196,17 @@ def test_engine_tool_rounds_are_bounded_and_tools_can_be_off(tiny_engine_factory
     assert off.tools is None and d.tool_results == [] and d.tool_calls == loop[1]
     with pytest.raises(Exception, match="tools"):
         tiny_engine_factory(tools=["os:system"])
+
+
+def test_tool_calls_match_by_result():
+    from training.evaluate import count_matching_calls, count_matching_results
+
+    registry = ToolRegistry(builtin_tools())
+    expected = [ToolCall("calculator", {"expression": "84.5*1.15/3"}), ToolCall("convert_units", {"value": 5, "from_unit": "mile", "to_unit": "km"})]
+    predicted = [ToolCall("convert_units", {"value": "5", "from_unit": "mile", "to_unit": "km"}),
+                 ToolCall("calculator", {"expression": "84.5 * 1.15 / 3"})]  # fmt: skip
+    assert count_matching_calls(expected, predicted) == 0  # neither is the same text: "5" for 5, spaces
+    assert count_matching_results(expected, predicted, registry) == 2
+    assert count_matching_results(expected, [ToolCall("calculator", {"expression": "84.5*1.15"})], registry) == 0
+    assert count_matching_results([ToolCall("own", {"a": 1})], [ToolCall("own", {"a": 1.0})], registry) == 1  # unregistered: exact
+    assert count_matching_results(expected, predicted, None) == 0

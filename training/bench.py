@@ -19,7 +19,7 @@ import tempfile
 import time
 from typing import Any
 
-from training.recipe import Recipe
+from training.recipe import Recipe, recipe_tools
 
 
 def _timer_callback() -> Any:
@@ -59,8 +59,10 @@ def bench_train(recipe: Recipe, steps: int = 6, trl_steps: int = 2, include: tup
     dtype = resolve_train_dtype(recipe, device)
     n_examples = recipe.batch_size * (steps + 1)
     model, tokenizer, path = load_base(recipe, device, dtype)
-    fmt = ChatFormat(tokenizer)
-    items, _ = load_conversations(recipe.train_files, recipe.source_caps, recipe.seed, recipe.bot_name)
+    fmt = ChatFormat(tokenizer, tool_format=recipe.tool_format)
+    items, _ = load_conversations(
+        recipe.train_files, recipe.source_caps, recipe.seed, recipe.bot_name, recipe_tools(recipe), recipe.max_prompt_tools
+    )
     examples = build_examples(items, fmt, recipe.max_seq_len, recipe.window_context)[: n_examples]
     weights = class_weights(examples, recipe.class_balance)
     records = to_records(examples, weights, recipe.decision_weight)

@@ -17,42 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from model.conversation import Conversation, read_conversations, scored_messages
+from model.tools import Tool, ToolError, builtin_tools, validate_arguments
 
-# The built-in tools as the corpus calls them (issue 4 executes them with these names and arguments).
-BUILTIN_TOOLS: list[dict] = [
-    {
-        "name": "calculator",
-        "description": "Evaluate an arithmetic expression exactly (+ - * / ** %, parentheses, sqrt, round, ...).",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string", "description": "e.g. 84.5*1.15/3"}},
-            "required": ["expression"],
-        },
-    },
-    {
-        "name": "convert_units",
-        "description": "Convert a quantity between units (length, mass, volume, temperature, speed, ...).",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "value": {"type": "number"},
-                "from_unit": {"type": "string", "description": "e.g. mile, kg, degF"},
-                "to_unit": {"type": "string", "description": "e.g. km, lb, degC"},
-            },
-            "required": ["value", "from_unit", "to_unit"],
-        },
-    },
-    {
-        "name": "current_time",
-        "description": "The current date and time in an IANA time zone.",
-        "parameters": {
-            "type": "object",
-            "properties": {"timezone": {"type": "string", "description": "IANA zone, e.g. Europe/Berlin"}},
-            "required": ["timezone"],
-        },
-    },
-]
-
+# The built-in tools as the corpus calls them: the schemas the engine derives from their functions.
+BUILTIN_TOOLS: list[dict] = [t.schema() for t in builtin_tools()]
 MIN_HUMAN, MAX_HUMAN = 6, 20
 MIN_PEOPLE, MAX_PEOPLE = 2, 6
 
@@ -106,11 +74,18 @@ def check_conversation(conv: Conversation, authored: bool = True) -> list[str]:
                     problems.append(f"{where}[{i}]: tool results must be followed by the bot's answer")
     if pending_calls:
         problems.append(f"{where}: unanswered tool calls at the end")
-    tool_names = {t.get("name") for t in conv.tools} if conv.tools else {t["name"] for t in BUILTIN_TOOLS}
+    schemas = {t.get("name"): t for t in (conv.tools or BUILTIN_TOOLS)}
     for m in msgs:
         for call in m.tool_calls:
-            if call.name not in tool_names:
+            schema = schemas.get(call.name)
+            if schema is None:
                 problems.append(f"{where}: calls unknown tool {call.name!r}")
+                continue
+            tool = Tool(call.name, schema.get("description", ""), schema.get("parameters") or {}, func=lambda **_: None)
+            try:
+                validate_arguments(tool, call.arguments)
+            except ToolError as e:
+                problems.append(f"{where}: a call does not fit its schema: {e}")
     return problems
 
 

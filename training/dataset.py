@@ -13,6 +13,7 @@ at the start of a window) carry no loss at all.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import glob
 import hashlib
@@ -24,7 +25,9 @@ from typing import Any
 
 from model.chat_format import ChatFormat, RenderedConversation
 from model.conversation import Conversation, read_conversations
+from model.engine import RETRIEVAL_MESSAGES
 from model.errors import ConfigError
+from model.tool_retrieval import ToolRetriever
 from training.corpus import dedupe
 
 
@@ -66,10 +69,33 @@ def expand_globs(patterns: Sequence[str]) -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
+def with_prompt_tools(conv: Conversation, default_tools: Sequence[dict[str, Any]], max_prompt_tools: int = 8) -> Conversation:
+    """The conversation with the tools its prompt lists, as the engine would list them.
+
+    A file's own `tools` win; otherwise the configured tools (the built-ins by default), as a live
+    channel lists its registry. With more tools than `max_prompt_tools`, the retrieval the engine uses
+    picks them (BM25 over the last human messages before the first call), plus every tool the
+    conversation calls: training never teaches a call to a tool the prompt did not show.
+    """
+    tools = list(conv.tools or default_tools)
+    if len(tools) > max_prompt_tools:
+        first_call = next((i for i, m in enumerate(conv.messages) if m.tool_calls), len(conv.messages))
+        humans = [m.content for m in conv.messages[:first_call] if m.is_human][-RETRIEVAL_MESSAGES:]
+        chosen = {t["name"] for t in ToolRetriever(tools).select(" ".join(humans), max_prompt_tools)}
+        chosen |= {c.name for m in conv.messages for c in m.tool_calls}
+        tools = [t for t in tools if t["name"] in chosen]
+    return dataclasses.replace(conv, tools=tools)
+
+
 def load_conversations(
-    patterns: Sequence[str], caps: dict[str, int] | None = None, seed: int = 0, bot_name: str = "Chime"
+    patterns: Sequence[str],
+    caps: dict[str, int] | None = None,
+    seed: int = 0,
+    bot_name: str = "Chime",
+    default_tools: Sequence[dict[str, Any]] = (),
+    max_prompt_tools: int = 8,
 ) -> tuple[list[SourcedConversation], DataReport]:
-    """Read, cap per source and deduplicate the conversations matched by `patterns`."""
+    """Read, cap per source and deduplicate the conversations matched by `patterns`; give each its prompt tools."""
     report = DataReport()
     rng = random.Random(seed)
     items: list[SourcedConversation] = []
@@ -81,7 +107,11 @@ def load_conversations(
         items.extend(SourcedConversation(str(path), c) for c in convs)
     kept, dropped = dedupe(c.conversation for c in items)
     keep_ids = {id(c) for c in kept}
-    items = [c for c in items if id(c.conversation) in keep_ids]
+    items = [
+        SourcedConversation(c.source, with_prompt_tools(c.conversation, default_tools, max_prompt_tools))
+        for c in items
+        if id(c.conversation) in keep_ids
+    ]
     report.duplicates_dropped = dropped
     for c in items:
         report.files[c.source] = report.files.get(c.source, 0) + 1

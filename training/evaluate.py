@@ -4,7 +4,8 @@ Every scored human message is decided exactly as the live bot would: the engine 
 messages before it, with the bot's own earlier turns as they are in the file (not its own earlier
 decisions), and the incremental cache makes each decision cost only the new tokens. Replies are not
 generated unless asked (`generate=True`); where the file expects tool calls, a short generation asks
-the model for the call so that `tool_call_accuracy` can be scored.
+the model for the call so that `tool_call_accuracy` (same tool, same arguments) and
+`tool_call_result_accuracy` (same tool, same result when the registry runs both calls) can be scored.
 
 Run it as `chime eval conversations/dev.jsonl --json`.
 """
@@ -42,6 +43,7 @@ class EvalRow:
     expected_tool_calls: list[dict[str, Any]] = field(default_factory=list)
     predicted_tool_calls: list[dict[str, Any]] = field(default_factory=list)
     tool_calls_matched: int = 0
+    tool_calls_matched_by_result: int = 0
     response: str | None = None
 
 
@@ -68,6 +70,27 @@ def count_matching_calls(expected: Sequence[ToolCall], predicted: Sequence[ToolC
         key = (call.name, json.dumps(_canonical(call.arguments), sort_keys=True))
         if key in unused:
             unused.remove(key)
+            matched += 1
+    return matched
+
+
+def count_matching_results(expected: Sequence[ToolCall], predicted: Sequence[ToolCall], registry: Any) -> int:
+    """How many expected calls the prediction reproduces by effect: a registered tool run on both
+    calls gives the same successful result ("84.5*1.15/3" and "84.5 * 1.15 / 3" agree); calls to
+    tools the registry lacks (a file's own schemas) must match exactly."""
+    def key(call: ToolCall) -> tuple[str, str]:
+        if registry is not None and call.name in registry:
+            result = registry.execute(call)
+            if result.ok:
+                return call.name, "result:" + result.content
+        return call.name, json.dumps(_canonical(call.arguments), sort_keys=True)
+
+    unused = [key(c) for c in predicted]
+    matched = 0
+    for call in expected:
+        k = key(call)
+        if k in unused:
+            unused.remove(k)
             matched += 1
     return matched
 
@@ -114,6 +137,7 @@ def compute_metrics(rows: Sequence[EvalRow]) -> dict[str, Any]:
     named = [r for r in rows if r.expected == "respond" and r.names_bot]
     expected_calls = sum(len(r.expected_tool_calls) for r in rows)
     matched_calls = sum(r.tool_calls_matched for r in rows)
+    matched_by_result = sum(r.tool_calls_matched_by_result for r in rows)
     macro = None if respond_f1 is None or silence_f1 is None else (respond_f1 + silence_f1) / 2
     return {
         "n_scored": len(rows),
@@ -133,6 +157,7 @@ def compute_metrics(rows: Sequence[EvalRow]) -> dict[str, Any]:
         "addressed_recall": _ratio(sum(r.decision == "respond" for r in named), len(named)),
         "n_addressed": len(named),
         "tool_call_accuracy": _ratio(matched_calls, expected_calls),
+        "tool_call_result_accuracy": _ratio(matched_by_result, expected_calls),
         "n_expected_tool_calls": expected_calls,
         "roc_auc": roc_auc([r.expected == "respond" for r in rows], [r.p_respond for r in rows]),
     }
@@ -142,7 +167,7 @@ def evaluate_conversation(engine: Engine, conv: Conversation, generate: bool = F
     """Replay one conversation through a fresh channel and return a row per scored message."""
     channel_id = f"eval:{conv.id}:{uuid.uuid4().hex[:8]}"
     bot_name = conv.bot_name or engine.config.bot_name
-    engine.channel(channel_id, bot_name=bot_name, tools=conv.tools)
+    engine.channel(channel_id, bot_name=bot_name, tools=conv.tools or None)  # none in the file: the engine's own
     scored = {s.index: s for s in scored_messages(conv)}
     rows: list[EvalRow] = []
     try:
@@ -176,6 +201,12 @@ def evaluate_conversation(engine: Engine, conv: Conversation, generate: bool = F
                     )
                     row.predicted_tool_calls = [c.to_dict() for c in reply.tool_calls]
                     row.tool_calls_matched = count_matching_calls(target.expected_tool_calls, reply.tool_calls)
+                    if conv.tools:  # the file's own schemas: nothing of ours can run them
+                        row.tool_calls_matched_by_result = row.tool_calls_matched
+                    else:
+                        row.tool_calls_matched_by_result = count_matching_results(
+                            target.expected_tool_calls, reply.tool_calls, engine.tools
+                        )
                     if generate and d.decision == "respond":
                         row.response = reply.text
                 rows.append(row)

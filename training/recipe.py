@@ -33,6 +33,11 @@ class Recipe:
     source_caps: dict[str, int] = field(default_factory=dict)
     max_seq_len: int = 1024  # longer conversations are cut into windows at message boundaries
     window_context: int = 2  # messages repeated (untrained) at the start of a following window
+    # Tools listed in the prompt of conversations that carry none (as the engine lists its registry),
+    # the retrieval budget, and the tool format ("auto": from the chat template), as in EngineConfig.
+    tools: list[str] = field(default_factory=lambda: ["calculator", "convert_units", "current_time"])
+    max_prompt_tools: int = 8
+    tool_format: str = "auto"
 
     # Imbalance: the decision token ("silence"/"response" after "(") carries extra weight, and the
     # two classes are reweighted towards balance (0: none, 1: inverse class frequency).
@@ -97,6 +102,16 @@ class Recipe:
             raise ConfigError("set epochs > 0 or max_steps > 0")
         if not self.train_files:
             raise ConfigError("train_files is empty")
+
+
+def recipe_tools(recipe: Recipe) -> list[dict[str, Any]]:
+    """The schemas of the recipe's tools (built-in names or "package.module:function")."""
+    from model.tools import registry_from_names
+
+    try:
+        return registry_from_names(recipe.tools).schemas()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"tools: {e}") from e
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any
 from model.config import DEFAULT_MODEL
 from model.errors import ConfigError
 from model.loading import ADAPTER_META
-from training.recipe import Recipe
+from training.recipe import Recipe, recipe_tools
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,9 @@ def prepare_data(recipe: Recipe, fmt: Any) -> tuple[Any, dict[str, Any]]:
 
     from training.dataset import build_examples, class_weights, load_conversations, summarize, to_records
 
-    items, report = load_conversations(recipe.train_files, recipe.source_caps, recipe.seed, recipe.bot_name)
+    items, report = load_conversations(
+        recipe.train_files, recipe.source_caps, recipe.seed, recipe.bot_name, recipe_tools(recipe), recipe.max_prompt_tools
+    )
     dev_ids = _dev_ids(recipe)
     leaked = sorted({i.conversation.id for i in items if i.conversation.id in dev_ids})
     if leaked:
@@ -251,7 +253,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
 
     model, tokenizer, base_path = load_base(recipe, device, dtype)
     quantized = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
-    fmt = ChatFormat(tokenizer)
+    fmt = ChatFormat(tokenizer, tool_format=recipe.tool_format)
     dataset, data_report = prepare_data(recipe, fmt)
     log.info("training data: %s", json.dumps({k: v for k, v in data_report.items() if k != "files"}))
 
@@ -338,7 +340,11 @@ def evaluate_adapter(recipe: Recipe, adapter_dir: str) -> dict[str, Any]:
     from training.dataset import expand_globs
     from training.evaluate import calibrate, compute_metrics, cross_validated, evaluate, rows_at
 
-    config = EngineConfig(model=recipe.model, adapter=adapter_dir, bot_name=recipe.bot_name, threshold=0.5, device=recipe.device)
+    config = EngineConfig(
+        model=recipe.model, adapter=adapter_dir, bot_name=recipe.bot_name, threshold=0.5, device=recipe.device,
+        tools=list(recipe.tools), tool_format=recipe.tool_format, max_prompt_tools=recipe.max_prompt_tools,
+        temperature=0.0,  # scored tool calls are greedy
+    )
     engine = Engine.from_config(config)
     per_file: dict[str, Any] = {}
     all_rows = []

@@ -1,0 +1,52 @@
+"""`chime bfcl`: BFCL entries through the engine, scored by bfcl-eval's own checker (in .venv-bfcl)."""
+
+from __future__ import annotations
+
+import pytest
+
+from model.conversation import ToolCall
+from training.bfcl import bfcl_python, coerce_call, format_table, load_entries, run_bfcl, score
+
+
+@pytest.fixture(scope="module")
+def bfcl() -> str:
+    return bfcl_python()  # `make test` creates .venv-bfcl; a missing one is a failure, not a skip
+
+
+def test_scores_come_from_bfcl_evals_checker(bfcl: str) -> None:
+    right = [{"name": "calculate_triangle_area", "arguments": {"base": 10, "height": 5}}]
+    results = [
+        {"id": "simple_python_0", "category": "simple_python", "calls": right},
+        {"id": "simple_python_0", "category": "simple_python", "calls": [{"name": "calculate_triangle_area", "arguments": {"base": 10.5, "height": 5}}]},
+        {"id": "simple_python_0", "category": "simple_python", "calls": []},
+        {"id": "simple_python_0", "category": "simple_python", "calls": right + right},
+        {"id": "irrelevance_0", "category": "irrelevance", "calls": []},
+        {"id": "irrelevance_0", "category": "irrelevance", "calls": right},
+    ]  # fmt: skip
+    verdicts = score(bfcl, results)
+    assert [v["valid"] for v in verdicts] == [True, False, False, False, True, False]
+    assert verdicts[1]["error_type"] == "type_error:simple"
+    assert verdicts[3]["error_type"] == "simple_function_checker:wrong_count"
+    entry = load_entries(bfcl, "parallel_multiple", limit=1)[0]
+    calls = [{"name": name, "arguments": {k: v[0] for k, v in args.items() if v[0] != ""}}
+             for answer in entry["ground_truth"] for name, args in answer.items()]  # fmt: skip
+    flipped = [{"id": entry["id"], "category": "parallel_multiple", "calls": list(reversed(calls))}]
+    assert score(bfcl, flipped)[0]["valid"]  # parallel calls in any order
+
+
+def test_coerce_call_is_the_registrys_lossless_coercion() -> None:
+    tools = [{"name": "f", "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}]
+    assert coerce_call(ToolCall("f", {"n": "12"}), tools) == {"name": "f", "arguments": {"n": 12}}
+    assert coerce_call(ToolCall("f", {"n": "twelve"}), tools) == {"name": "f", "arguments": {"n": "twelve"}}
+    assert coerce_call(ToolCall("g", {"x": 1}), tools) == {"name": "g", "arguments": {"x": 1}}
+
+
+def test_run_bfcl_through_the_engine(bfcl: str, tiny_engine_factory) -> None:
+    engine = tiny_engine_factory(max_new_tokens=8)
+    summary, details = run_bfcl(engine, ["simple_python", "multiple"], limit=2, python=bfcl, max_prompt_tools=1)
+    assert [summary["categories"][c]["n"] for c in ("simple_python", "multiple")] == [2, 2]
+    assert len(details) == 4 and all(isinstance(d["valid"], bool) for d in details)
+    assert all(len(d["shown_tools"]) == 1 for d in details)
+    assert sum(c["correct"] for c in summary["categories"].values()) == sum(d["valid"] for d in details)
+    assert "| Chime |" in format_table(summary) and "Hammer2.1-0.5b" in format_table(summary)
+    assert engine.channels() == []  # every question's channel is gone afterwards
