@@ -72,6 +72,14 @@ def _engine_config(args: argparse.Namespace) -> Any:
     return config
 
 
+def _scored_config(args: argparse.Namespace) -> Any:
+    """Engine settings for scored runs (eval, bfcl): generations are greedy unless --temperature says otherwise."""
+    config = _engine_config(args)
+    if args.temperature is None:
+        config.temperature = 0.0
+    return config
+
+
 def _build_engine(args: argparse.Namespace) -> Any:
     from model.engine import Engine
 
@@ -116,9 +124,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from model.conversation import read_conversations
 
-    config = _engine_config(args)
-    if args.temperature is None:
-        config.temperature = 0.0  # scored generations (tool calls, --generate) are greedy unless asked otherwise
+    config = _scored_config(args)
     conversations = []
     for path in args.file:
         convs = read_conversations(path, default_bot_name=config.bot_name)
@@ -395,19 +401,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bfcl(args: argparse.Namespace) -> int:
-    from training.bfcl import CATEGORIES, bfcl_python, format_table, progress_to_stderr, run_bfcl, write_details
+    from training.bfcl import CATEGORIES, bfcl_python, format_table, progress_to_stderr, run_bfcl
+    from training.evaluate import write_details
 
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     unknown = [c for c in categories if c not in CATEGORIES]
     if unknown:
         raise ChimeError(f"unknown BFCL categories: {', '.join(unknown)}; choose from {', '.join(CATEGORIES)}")
     python = bfcl_python(args.bfcl_python)  # fail before loading the model
-    config = _engine_config(args)
-    if args.temperature is None:
-        config.temperature = 0.0
     from model.engine import Engine
 
-    engine = Engine.from_config(config)
+    engine = Engine.from_config(_scored_config(args))
     summary, details = run_bfcl(
         engine, categories, args.limit, python, args.max_prompt_tools, None if args.quiet else progress_to_stderr
     )

@@ -47,15 +47,12 @@ from typing import Any, Literal
 from model.conversation import Conversation, Message, ToolCall
 from model.errors import ChatTemplateError
 from model.tool_format import (
-    TOOL_CALL_CLOSE,
-    TOOL_CALL_OPEN,
     ParsedReply,
     ToolFormat,
     get_tool_format,
     normalize_schema,
 )
 
-__all__ = ["TOOL_CALL_CLOSE", "TOOL_CALL_OPEN", "ParsedReply"]  # re-exported for callers of the chat format
 _PLAIN = ToolFormat()
 
 log = logging.getLogger(__name__)

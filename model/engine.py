@@ -47,12 +47,10 @@ from model.conversation import Message, ToolCall
 from model.errors import ConfigError
 from model.loading import LoadedModel, load_model, release_memory, resolve_threshold
 from model.runner import Runner, build_runner
-from model.tool_retrieval import ToolRetriever
+from model.tool_retrieval import RETRIEVAL_MESSAGES, ToolRetriever
 from model.tools import ToolBudget, ToolRegistry, ToolResult, registry_from_names
 
 log = logging.getLogger(__name__)
-
-RETRIEVAL_MESSAGES = 3  # the latest human messages that form the tool retrieval query (training uses the same)
 
 
 @dataclass
@@ -252,9 +250,9 @@ class Engine:
 
     def _retrieve_tools(self, ch: Channel, text: str) -> None:
         """Re-choose the channel's prompt tools for the latest human messages (retrieval channels only)."""
-        ch.recent = (ch.recent + [text])[-RETRIEVAL_MESSAGES:]
         if not ch.retrieved or self.retriever is None:
             return
+        ch.recent = (ch.recent + [text])[-RETRIEVAL_MESSAGES:]
         chosen = self.retriever.select(" ".join(ch.recent), self.config.max_prompt_tools)
         if [t["name"] for t in chosen] != [t["name"] for t in ch.tools]:
             ch.tools = chosen

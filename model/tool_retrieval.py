@@ -17,6 +17,7 @@ from rank_bm25 import BM25Okapi
 
 from model.tool_format import bare_schema
 
+RETRIEVAL_MESSAGES = 3  # the latest human messages that form the query (engine and training alike)
 _WORD_RE = re.compile(r"[A-Za-z]+|\d+")
 _STOP = frozenset(
     "a an and are as at be by can for from how i in is it me of on or please the to what whats with you your".split()

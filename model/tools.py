@@ -200,6 +200,15 @@ def validate_arguments(tool: Tool, arguments: Any) -> dict[str, Any]:
     return {k: coerce(v, props[k], f"{tool.name}.{k}") for k, v in arguments.items()}
 
 
+def validate_against_schema(name: str, schema: dict[str, Any], arguments: Any) -> dict[str, Any]:
+    """`validate_arguments` for a schema with no function behind it (corpus checks, benchmark calls)."""
+    return validate_arguments(Tool(name, str(schema.get("description", "")), schema.get("parameters") or {}, func=_never_run), arguments)
+
+
+def _never_run(**_: Any) -> None:
+    raise ToolError("a schema-only tool cannot run")
+
+
 class ToolRegistry:
     """The allowlist: only tools registered here can run."""
 

@@ -28,7 +28,7 @@ from model.conversation import ToolCall
 from model.errors import ChimeError
 from model.tool_format import bare_schema, normalize_schema
 from model.tool_retrieval import ToolRetriever
-from model.tools import Tool, ToolError, validate_arguments
+from model.tools import ToolError, validate_against_schema
 
 CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance")
 SCORER = Path(__file__).with_name("bfcl_score.py")
@@ -95,7 +95,7 @@ def coerce_call(call: ToolCall, tools: Sequence[dict[str, Any]]) -> dict[str, An
     args: dict[str, Any] = dict(call.arguments)
     if schema is not None:
         try:
-            args = validate_arguments(Tool(call.name, "", schema.get("parameters") or {}, func=lambda **_: None), args)
+            args = validate_against_schema(call.name, schema, args)
         except ToolError:
             pass  # the checker sees the call as generated, and fails it
     return {"name": call.name, "arguments": args}
@@ -173,13 +173,6 @@ def format_table(summary: dict[str, Any], label: str = "Chime") -> str:
     ) + " |\n"
     refs = "".join("| " + name + " | " + " | ".join(str(ref.get(c, "")) for c in cats) + " |\n" for name, ref in REFERENCES.items())
     return head + ours + refs
-
-
-def write_details(path: str | Path, details: Sequence[dict[str, Any]]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for d in details:
-            f.write(json.dumps(d, ensure_ascii=False, default=str) + "\n")
 
 
 def progress_to_stderr(category: str, done: int, total: int) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from model.conversation import Conversation, read_conversations, scored_messages
-from model.tools import Tool, ToolError, builtin_tools, validate_arguments
+from model.tools import ToolError, builtin_tools, validate_against_schema
 
 # The built-in tools as the corpus calls them: the schemas the engine derives from their functions.
 BUILTIN_TOOLS: list[dict] = [t.schema() for t in builtin_tools()]
@@ -81,9 +81,8 @@ def check_conversation(conv: Conversation, authored: bool = True) -> list[str]:
             if schema is None:
                 problems.append(f"{where}: calls unknown tool {call.name!r}")
                 continue
-            tool = Tool(call.name, schema.get("description", ""), schema.get("parameters") or {}, func=lambda **_: None)
             try:
-                validate_arguments(tool, call.arguments)
+                validate_against_schema(call.name, schema, call.arguments)
             except ToolError as e:
                 problems.append(f"{where}: a call does not fit its schema: {e}")
     return problems

@@ -25,9 +25,8 @@ from typing import Any
 
 from model.chat_format import ChatFormat, RenderedConversation
 from model.conversation import Conversation, read_conversations
-from model.engine import RETRIEVAL_MESSAGES
 from model.errors import ConfigError
-from model.tool_retrieval import ToolRetriever
+from model.tool_retrieval import RETRIEVAL_MESSAGES, ToolRetriever
 from training.corpus import dedupe
 
 

@@ -64,20 +64,14 @@ def _canonical(value: Any) -> Any:
 
 def count_matching_calls(expected: Sequence[ToolCall], predicted: Sequence[ToolCall]) -> int:
     """How many expected calls the prediction reproduces (same name and arguments; each used once)."""
-    unused = [(c.name, json.dumps(_canonical(c.arguments), sort_keys=True)) for c in predicted]
-    matched = 0
-    for call in expected:
-        key = (call.name, json.dumps(_canonical(call.arguments), sort_keys=True))
-        if key in unused:
-            unused.remove(key)
-            matched += 1
-    return matched
+    return count_matching_results(expected, predicted, registry=None)
 
 
 def count_matching_results(expected: Sequence[ToolCall], predicted: Sequence[ToolCall], registry: Any) -> int:
-    """How many expected calls the prediction reproduces by effect: a registered tool run on both
-    calls gives the same successful result ("84.5*1.15/3" and "84.5 * 1.15 / 3" agree); calls to
-    tools the registry lacks (a file's own schemas) must match exactly."""
+    """How many expected calls the prediction reproduces (each used once) by effect: a registered tool
+    run on both calls gives the same successful result ("84.5*1.15/3" and "84.5 * 1.15 / 3" agree);
+    calls to tools the registry lacks (a file's own schemas, or registry None) must match exactly."""
+
     def key(call: ToolCall) -> tuple[str, str]:
         if registry is not None and call.name in registry:
             result = registry.execute(call)
@@ -250,12 +244,13 @@ def evaluate(
     return metrics, rows
 
 
-def write_details(path: str | Path, rows: Iterable[EvalRow]) -> None:
+def write_details(path: str | Path, rows: Iterable[EvalRow | dict[str, Any]]) -> None:
+    """One JSON object per row (evaluation rows, or plain dicts such as `chime bfcl`'s)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
+            f.write(json.dumps(row if isinstance(row, dict) else asdict(row), ensure_ascii=False, default=str) + "\n")
 
 
 def rows_at(
