@@ -5,6 +5,9 @@
     chime bench decide|generate|memory [--json]      latency, reply speed and memory benchmarks
     chime render FILE.jsonl [--index N]              show a rendered conversation, trained tokens marked
     chime bfcl [--categories ...] [--limit N]        tool calling on BFCL, scored by bfcl-eval's checker
+    chime db upgrade | consent | opt-out | forget | decisions | label | export   storage (bot/storage_cli.py)
+    chime retrain [--every 24h]                      export, train, evaluate, promote (training/retrain.py)
+    chime adapters list|add|promote|rollback         adapter versions (training/adapters.py)
 
 Every command takes the engine settings (`--config chime.yaml`, `--model`, `--adapter`,
 `--threshold`, ...). Errors print as one line and exit with status 2.
@@ -86,6 +89,28 @@ def _build_engine(args: argparse.Namespace) -> Any:
     return Engine.from_config(_engine_config(args))
 
 
+def _serving_registry(args: argparse.Namespace, config: Any) -> Any:
+    """The adapter registry a bot serves from, unless --adapter/--no-adapter chose otherwise: its current
+    version replaces the default adapter when it was trained for the same base model."""
+    from model.adapter_registry import AdapterRegistry, AdapterRegistryError, default_adapters_dir
+
+    if args.adapter or args.no_adapter:
+        return None
+    registry = AdapterRegistry(default_adapters_dir())
+    try:
+        current = registry.current()
+    except AdapterRegistryError as e:
+        log.error("%s; serving the default adapter", e)
+        return None
+    if current is not None:
+        if current.meta.get("base_model", config.model) != config.model:
+            log.warning("adapter %s was trained for %s, not %s: serving the default adapter", current.name,
+                        current.meta.get("base_model"), config.model)
+            return None
+        config.adapter = str(current.path)
+    return registry
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -106,18 +131,41 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     console = Console(stderr=args.json, highlight=False)
     lines = read_transcript(args.script) if args.script else None
+    from model.engine import Engine
+
+    config = _engine_config(args)
+    registry = _serving_registry(args, config)
     with console.status("loading the model…") if not args.json else contextlib.nullcontext():
-        engine = _build_engine(args)
-    if lines is not None:
-        run_script(engine, lines, as_json=args.json, out=sys.stdout, console=console)
-    else:
-        if not sys.stdin.isatty():
-            console.print("[yellow]stdin is not a terminal: reading messages line by line[/]")
-        try:
-            import readline  # noqa: F401  (line editing and history for input())
-        except ImportError:
-            pass
-        run_interactive(engine, console)
+        engine = Engine.from_config(config)
+    watcher = None
+    if registry is not None and lines is None:  # interactive: pick up promoted adapters between messages
+        from model.adapter_registry import AdapterWatcher
+
+        watcher = AdapterWatcher(engine, registry)
+        watcher.start()
+    sim_log = None
+    if not args.no_log:
+        from bot.simulator import SimulatorLog
+        from model.storage.log import ChatLog
+
+        sim_log = SimulatorLog(ChatLog(args.db), engine.config.bot_name)
+    try:
+        if lines is not None:
+            run_script(engine, lines, as_json=args.json, out=sys.stdout, console=console, log=sim_log)
+        else:
+            if not sys.stdin.isatty():
+                console.print("[yellow]stdin is not a terminal: reading messages line by line[/]")
+            try:
+                import readline  # noqa: F401  (line editing and history for input())
+            except ImportError:
+                pass
+            run_interactive(engine, console, log=sim_log)
+    finally:
+        if watcher is not None:
+            watcher.stop(timeout=1)
+        if sim_log is not None and not sim_log.chat_log.close(timeout=10):
+            console.print(f"[yellow]the database is unreachable: {sim_log.chat_log.pending} log entries kept in "
+                          f"{sim_log.chat_log.spool_path} for next time[/]")
     return 0
 
 
@@ -443,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="terminal simulator of a multi-user chat")
     p.add_argument("--script", help="replay a transcript: one 'Name: text' per line")
     p.add_argument("--json", action="store_true", help="one JSON object per message (with --script)")
+    p.add_argument("--no-log", action="store_true", help="do not log the conversation to the database")
+    p.add_argument("--db", help="database URL (default: $DATABASE_URL, else sqlite in $CHIME_HOME)")
     _add_engine_args(p)
     p.set_defaults(func=cmd_simulate)
 
@@ -510,6 +560,18 @@ def build_parser() -> argparse.ArgumentParser:
     from training.importers import add_import_command
 
     add_import_command(sub)
+
+    from bot.storage_cli import add_arguments as add_storage_commands
+
+    add_storage_commands(sub)
+
+    from training.retrain import add_arguments as add_retrain_command
+
+    add_retrain_command(sub)
+
+    from training.adapters import add_arguments as add_adapters_command
+
+    add_adapters_command(sub)
     return parser
 
 

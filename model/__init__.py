@@ -1,4 +1,5 @@
-"""Chime's model layer: the chat format, model and adapter loading, and the decide/respond engine.
+"""Chime's model layer: the chat format, model and adapter loading, the decide/respond engine, tool
+calling, the adapter registry, and storage (`model.storage`: both `bot/` and `training/` need it).
 
 Nothing here imports `bot` or `training`; both of them import from here.
 """

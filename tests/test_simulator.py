@@ -76,3 +76,36 @@ def test_interactive_loop(tiny_engine_factory) -> None:
     assert out.count("responds") == 2
     kinds = [t.kind for t in engine.channel("simulator").turns]
     assert kinds == ["human", "bot"] * 4
+
+
+def test_the_simulator_logs_to_the_database_and_the_log_exports(capsys, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from sqlalchemy import select
+
+    from model.conversation import read_conversations
+    from model.storage import models as m
+    from model.storage.db import make_engine, session_scope
+
+    script = tmp_path / "chat.txt"
+    script.write_text("alice: pizza tonight?\nbob: yes\ncarol: me too\ndave: 7pm?\ncarol: @Chime book a table?\n")
+    url = f"sqlite:///{tmp_path / 'sim.db'}"
+    assert main(["simulate", "--script", str(script), "--json", "--threshold", "1", "--db", url, *_tiny_args(tiny_model_dir)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    engine = make_engine(url)
+    with session_scope(engine) as s:
+        messages = s.scalars(select(m.Message).order_by(m.Message.created_at)).all()
+        decisions = s.scalars(select(m.Decision)).all()
+        assert [x.display_name for x in messages if x.author_kind == "human"] == ["alice", "bob", "carol", "dave", "carol"]
+        assert len(decisions) == 5 and {d.adapter_version for d in decisions} == {"none"}
+        assert [x.content for x in messages if x.author_kind == "bot"] == [rows[-1]["response"]]
+        assert s.get(m.Server, "local:local").training_consent  # the simulator's operator is the administrator
+    engine.dispose()
+    out = tmp_path / "logged.jsonl"
+    assert main(["export", "--out", str(out), "--db", url]) == 0
+    conv = read_conversations(out)[0]
+    # alice's silence is confirmed by the chat carrying on; "me too" is not what carol then asked the bot
+    assert [x.expect for x in conv.messages if x.role == "user"] == ["silence", None, None, None, None]
+    # --no-log writes nothing
+    other = tmp_path / "none.db"
+    assert main(["simulate", "--script", str(script), "--json", "--no-log", "--db", f"sqlite:///{other}",
+                 *_tiny_args(tiny_model_dir)]) == 0
+    assert not other.exists()

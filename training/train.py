@@ -327,7 +327,7 @@ def save_adapter(model: Any, adapter_dir: Path, save_dtype: str) -> None:
     model.save_pretrained(str(adapter_dir))
 
 
-def evaluate_adapter(recipe: Recipe, adapter_dir: str) -> dict[str, Any]:
+def evaluate_adapter(recipe: Recipe, adapter_dir: str | None) -> dict[str, Any]:
     """Decide every dev message with the adapter, calibrate the thresholds there, and score them.
 
     Besides the metrics at the calibrated thresholds (calibrated and scored on the same dev split, as
