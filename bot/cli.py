@@ -148,7 +148,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from bot.simulator import SimulatorLog
         from model.storage.log import ChatLog
 
-        sim_log = SimulatorLog(ChatLog(args.db), engine.config.bot_name)
+        sim_log = SimulatorLog(ChatLog(args.db), engine.config.bot_name, channel=args.channel)
     try:
         if lines is not None:
             run_script(engine, lines, as_json=args.json, out=sys.stdout, console=console, log=sim_log)
@@ -292,6 +292,13 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "memory":
         return _bench_memory(args)
+    if args.what == "log":
+        from model.storage.db import database_url
+        from model.storage.log import bench_log
+
+        result = bench_log(database_url(args.db), messages=args.messages)
+        print(json.dumps(result) if args.json else json.dumps(result, indent=1))
+        return 0
     if args.what == "train":
         from training.bench import bench_train
         from training.recipe import load_recipe
@@ -492,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--script", help="replay a transcript: one 'Name: text' per line")
     p.add_argument("--json", action="store_true", help="one JSON object per message (with --script)")
     p.add_argument("--no-log", action="store_true", help="do not log the conversation to the database")
+    p.add_argument("--channel", default="simulator", help="the channel the conversation is logged under")
     p.add_argument("--db", help="database URL (default: $DATABASE_URL, else sqlite in $CHIME_HOME)")
     _add_engine_args(p)
     p.set_defaults(func=cmd_simulate)
@@ -510,7 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="benchmarks: decide, generate, memory")
-    p.add_argument("what", choices=["decide", "generate", "memory", "train"])
+    p.add_argument("what", choices=["decide", "generate", "memory", "train", "log"])
+    p.add_argument("--db", help="database URL (log; default: $DATABASE_URL, else sqlite in $CHIME_HOME)")
+    p.add_argument("--messages", type=int, default=2000, help="messages to log (log)")
     p.add_argument("--recipe", default="training/recipes/cpu-lora.yaml", help="recipe whose data and settings to time (train)")
     p.add_argument("--steps", type=int, default=6, help="training steps to time, the first one excluded (train)")
     p.add_argument("--trl-steps", type=int, default=2, help="steps of the default-configured TRL runs (train)")

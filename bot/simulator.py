@@ -155,10 +155,10 @@ def run_interactive(engine: Engine, console: Console, read: Callable[[str], str]
                     console.print(f"  [red]nothing to {cmd}: {escape(bot)} has not replied yet (or logging is off)[/]")
                     continue
                 if cmd == "react":
-                    log.chat_log.reaction(CHANNEL, log.last_reply, Ref(speaker, speaker), arg or "👍")
+                    log.chat_log.reaction(log.channel.platform_id, log.last_reply, Ref(speaker, speaker), arg or "👍")
                     console.print(f"  [dim]{escape(speaker)} reacted {escape(arg or '👍')} to {escape(bot)}'s last reply[/]")
                 else:
-                    log.chat_log.delete(CHANNEL, log.last_reply)
+                    log.chat_log.delete(log.channel.platform_id, log.last_reply)
                     log.last_reply = None
                     console.print(f"  [dim]{escape(bot)}'s last reply deleted[/]")
             elif cmd == "history":

@@ -67,6 +67,23 @@ def test_parse_every() -> None:
         parse_every("daily")
 
 
+def test_schedule_runs_cycles_and_survives_a_failed_one(monkeypatch, capsys) -> None:
+    import training.retrain as retrain
+
+    calls = []
+
+    def fake_cycle(cfg):
+        calls.append(time.monotonic())
+        if len(calls) == 2:
+            raise RuntimeError("out of disk")
+        return retrain.CycleResult(status="skipped", reason="test")
+
+    monkeypatch.setattr(retrain, "run_cycle", fake_cycle)
+    assert retrain.schedule(RetrainConfig(), every_s=0.3, cycles=3) == 3
+    assert len(calls) == 3 and calls[2] - calls[0] >= 0.5  # the first now, then on the interval
+    assert capsys.readouterr().out.count('"status": "skipped"') == 2
+
+
 def test_retrain_cycles_promote_skip_and_reject(tmp_path: Path, tiny_model_dir: Path) -> None:
     cfg = _cfg(tmp_path, tiny_model_dir, f1_tolerance=2.0, fi_tolerance=2.0, named_tolerance=2.0)  # anything passes
     assert run_cycle(cfg).status == "skipped"  # nothing logged yet

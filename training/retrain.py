@@ -360,24 +360,32 @@ def parse_every(value: str) -> float:
     return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
-def schedule(cfg: RetrainConfig, every_s: float) -> None:
+def schedule(cfg: RetrainConfig, every_s: float, cycles: int | None = None) -> int:
     """Run a cycle now and then every `every_s` seconds (APScheduler; a late or overlapping run is
-    coalesced into one, and a failed cycle is logged and retried at the next tick)."""
+    coalesced into one, and a failed cycle is logged and the next tick tries again). Stops after
+    `cycles` cycles when given, else on Ctrl-C. Returns the number of cycles run."""
     from apscheduler.schedulers.blocking import BlockingScheduler
     from apscheduler.triggers.interval import IntervalTrigger
 
+    scheduler = BlockingScheduler(timezone="UTC")
+    done = 0
+
     def job() -> None:
+        nonlocal done
         try:
             print(json.dumps(run_cycle(cfg).to_dict(), default=str), flush=True)
         except Exception:  # noqa: BLE001 - the schedule survives a failed cycle
             log.exception("retrain: the cycle failed; the serving adapter is unchanged")
+        done += 1
+        if cycles is not None and done >= cycles:
+            scheduler.shutdown(wait=False)
 
-    scheduler = BlockingScheduler(timezone="UTC")
     scheduler.add_job(job, IntervalTrigger(seconds=every_s), next_run_time=datetime.now(timezone.utc),
-                      max_instances=1, coalesce=True, misfire_grace_time=int(every_s))
+                      max_instances=1, coalesce=True, misfire_grace_time=max(1, int(every_s)))
     log.info("retrain: a cycle every %.0f s; Ctrl-C stops", every_s)
     with contextlib.suppress(KeyboardInterrupt, SystemExit):
         scheduler.start()
+    return done
 
 
 def add_arguments(sub: Any) -> None:
@@ -385,6 +393,7 @@ def add_arguments(sub: Any) -> None:
     p.add_argument("--recipe", default=RetrainConfig.recipe)
     p.add_argument("overrides", nargs="*", help="key=value recipe settings")
     p.add_argument("--every", help="run on a schedule: 24h, 90m, 1d ... (first cycle now)")
+    p.add_argument("--cycles", type=int, help="with --every: stop after this many cycles")
     p.add_argument("--db", help="database URL (default: $DATABASE_URL, else sqlite in $CHIME_HOME)")
     p.add_argument("--adapters-dir", help="adapter registry (default: $CHIME_ADAPTERS_DIR, else $CHIME_HOME/adapters)")
     p.add_argument("--logged-dir", default=RetrainConfig.logged_dir)
@@ -412,7 +421,7 @@ def config_from_args(args: argparse.Namespace) -> RetrainConfig:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.every:
-        schedule(cfg, parse_every(args.every))
+        schedule(cfg, parse_every(args.every), args.cycles)
         return 0
     result = run_cycle(cfg)
     print(json.dumps(result.to_dict(), default=str, ensure_ascii=False))

@@ -517,3 +517,50 @@ def _ref(ref: Ref) -> dict[str, Any]:
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
+
+
+def bench_log(url: str, messages: int = 2000) -> dict[str, Any]:
+    """What logging costs the bot and how fast the writer drains: `messages` person messages, each with a
+    decision (every third one answered, with a reply message), queued as fast as possible.
+
+    Reports the enqueue time per message (what a decision pays: message, decision and reply queued), the
+    time until everything is written, and messages and rows per second.
+    """
+    import tempfile
+    from types import SimpleNamespace
+
+    spool = Path(tempfile.mkdtemp(prefix="chime-bench-log-")) / "spool.jsonl"
+    log_ = ChatLog(url, platform="bench", spool=spool, start=False)
+    server, channel = Ref("bench-server"), Ref(f"bench-{time.time_ns()}")
+    enqueue = []
+    start = time.perf_counter()
+    for i in range(messages):
+        t0 = time.perf_counter()
+        mid = log_.message(server=server, channel=channel, author=Ref(f"p{i % 7}", f"person {i % 7}"), content=f"message {i}")
+        answered = i % 3 == 0
+        bot = log_.message(server=server, channel=channel, author=None, content=f"reply {i}", bot_name="Chime") if answered else None
+        d = SimpleNamespace(decision="respond" if answered else "silence", p_respond=0.5, threshold=0.5, addressed=False,
+                            latency_ms=40.0, response=f"reply {i}" if answered else None, reply_tokens=3, reply_ms=100.0,
+                            tool_calls=[], tool_results=[])
+        log_.decision(mid, d, adapter_version="bench", model="bench", bot_message_id=bot)
+        enqueue.append(time.perf_counter() - t0)
+        if i == 0:
+            log_.start()
+    queued = time.perf_counter() - start
+    ok = log_.flush(timeout=600)
+    drained = time.perf_counter() - start
+    log_.close()
+    answered = (messages + 2) // 3
+    rows = messages * 2 + answered * 2  # people's messages and decisions; replies and the bot's messages
+    enqueue.sort()
+    return {
+        "url": safe_url(log_.url),
+        "messages": messages,
+        "enqueue_us_p50": round(enqueue[len(enqueue) // 2] * 1e6, 1),
+        "enqueue_us_p99": round(enqueue[int(len(enqueue) * 0.99)] * 1e6, 1),
+        "queue_seconds": round(queued, 3),
+        "written": ok,
+        "drain_seconds": round(drained, 3),
+        "messages_per_second": round(messages / drained, 1),
+        "rows_per_second": round(rows / drained, 1),
+    }
