@@ -8,6 +8,8 @@
     chime db upgrade | consent | opt-out | forget | decisions | label | export   storage (bot/storage_cli.py)
     chime retrain [--every 24h]                      export, train, evaluate, promote (training/retrain.py)
     chime adapters list|add|promote|rollback         adapter versions (training/adapters.py)
+    chime serve [--host H] [--port P]                OpenAI-compatible API (bot/api.py, docs/api.md)
+    chime discord                                    the Discord bot (bot/discord_bot/; DISCORD_TOKEN from the environment)
 
 Every command takes the engine settings (`--config chime.yaml`, `--model`, `--adapter`,
 `--threshold`, ...). Errors print as one line and exit with status 2.
@@ -582,6 +584,14 @@ def build_parser() -> argparse.ArgumentParser:
     from training.adapters import add_arguments as add_adapters_command
 
     add_adapters_command(sub)
+
+    from bot.api import add_arguments as add_serve_command
+
+    add_serve_command(sub)
+
+    from bot.discord_bot import add_arguments as add_discord_command
+
+    add_discord_command(sub)
     return parser
 
 

@@ -35,7 +35,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -164,6 +164,35 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+class _TextStream:
+    """Turns a growing list of generated ids into new text pieces, correct for multi-byte and BPE tokens.
+
+    A token may end inside a UTF-8 character (the decoded text then ends in U+FFFD) or change how the
+    tokens before it decode, so each step decodes a short window (the last emitted piece's tokens plus
+    the new ones) and emits only what the window adds beyond its already-emitted part, once the text no
+    longer ends in an incomplete character (the incremental detokenisation of vLLM and TGI).
+    """
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], emit: Callable[[str], None]):
+        self._decode = decode
+        self._emit = emit
+        self._prefix = 0  # start of the decoding window: context for how the new tokens decode
+        self._read = 0  # tokens up to here have been emitted
+
+    def push(self, ids: Sequence[int], final: bool = False) -> None:
+        if self._read >= len(ids):
+            return
+        done = self._decode(ids[self._prefix : self._read])
+        text = self._decode(ids[self._prefix :])
+        if len(text) > len(done) and (final or not text.endswith("\ufffd")):
+            self._emit(text[len(done) :])
+            self._prefix, self._read = self._read, len(ids)
+
+    def flush(self, ids: Sequence[int]) -> None:
+        """Emit what is left at the end (an incomplete character decodes as U+FFFD, as in the full text)."""
+        self.push(ids, final=True)
 
 
 class Engine:
@@ -454,8 +483,19 @@ class Engine:
                 forward_tokens=n,
             )
 
-    def generate(self, channel_id: str, max_new_tokens: int | None = None, min_new_tokens: int = 0) -> Reply:
-        """Generate the bot's reply after the last message (after "(response)"), without committing it."""
+    def generate(
+        self,
+        channel_id: str,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Reply:
+        """Generate the bot's reply after the last message (after "(response)"), without committing it.
+
+        `on_text`, when given, is called with each newly decoded piece of the raw generated text as
+        tokens come (for streaming); the pieces concatenate to the decoded text before parsing. An
+        exception it raises stops generation and propagates (how a server abandons a disconnected stream).
+        """
         with self._lock:
             start = time.perf_counter()
             ch = self.channel(channel_id)
@@ -464,6 +504,7 @@ class Engine:
             header = self.fmt.bot_header_ids + self.fmt.decision_prefix_ids + self.fmt.response_marker_rest_ids()
             out, _ = self._forward(ch, header)
             generated: list[int] = []
+            stream = _TextStream(self.fmt.decode, on_text) if on_text is not None else None
             while len(generated) < limit:
                 logits = self.runner.next_logits(out).clone()
                 if len(generated) < min_new_tokens:
@@ -472,8 +513,12 @@ class Engine:
                 if token in self.fmt.stop_ids:
                     break
                 generated.append(token)
+                if stream is not None:
+                    stream.push(generated)
                 out = self.runner.extend(ch.state, [token])
                 ch.cache_ids.append(token)
+            if stream is not None:
+                stream.flush(generated)
             parsed = self.fmt.parse_reply(self.fmt.decode(generated))
             return Reply(
                 text=parsed.text,

@@ -1,7 +1,8 @@
 """Consent, opt-out, forgetting, retention and corrections: the administrator's side of the database.
 
 Every function takes an open session (the caller commits). The CLI (`chime consent|opt-out|forget|
-label|decisions|db purge`) and, later, the Discord slash commands call these.
+label|decisions|db purge`) and the Discord bot's slash commands (`bot/discord_bot.py`) call these; the bot's
+per-server and per-channel settings live here too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from model.storage import models as m
 from model.storage.db import StorageError
-from model.storage.log import delete_message_row
+from model.storage.log import Ref, delete_message_row, ensure_channel, ensure_server, key
 
 
 def _now() -> datetime:
@@ -131,3 +132,75 @@ def recent_decisions(session: Session, limit: int = 20, channel: str | None = No
     if channel:
         q = q.where(or_(m.Message.channel_id == channel, m.Message.channel_id.endswith(":" + channel)))
     return [(a, b, c) for a, b, c in session.execute(q).all()]
+
+
+def latest_decided_message(session: Session, channel_key: str) -> m.Message | None:
+    """The newest person's message in the channel (`"<platform>:<platform id>"`) that the bot decided on:
+    what an administrator's "teach" in that channel corrects."""
+    return session.scalars(
+        select(m.Message)
+        .join(m.Decision, m.Decision.message_id == m.Message.id)
+        .where(m.Message.channel_id == channel_key)
+        .order_by(m.Message.created_at.desc())
+        .limit(1)
+    ).first()
+
+
+def last_logged_message(session: Session, channel_key: str) -> m.Message | None:
+    """The newest message stored for the channel (a person's or the bot's): where a backfill starts."""
+    return session.scalars(
+        select(m.Message).where(m.Message.channel_id == channel_key).order_by(m.Message.created_at.desc()).limit(1)
+    ).first()
+
+
+def bot_settings(session: Session, platform: str) -> tuple[list[m.ServerSettings], list[m.ChannelSettings]]:
+    """Every server's and channel's settings on `platform`, for a bot to cache at start-up."""
+    prefix = key(platform, "")
+    servers = session.scalars(select(m.ServerSettings).where(m.ServerSettings.server_id.startswith(prefix))).all()
+    channels = session.scalars(select(m.ChannelSettings).where(m.ChannelSettings.channel_id.startswith(prefix))).all()
+    return list(servers), list(channels)
+
+
+def set_server_settings(session: Session, platform: str, server_ref: Ref, by: str | None = None,
+                        reply_to_bots: bool | None = None) -> m.ServerSettings:
+    """Create or change a server's bot settings; fields left None keep their value."""
+    srv = ensure_server(session, platform, server_ref)
+    row = session.get(m.ServerSettings, srv.id)
+    if row is None:
+        row = m.ServerSettings(server_id=srv.id, reply_to_bots=False)
+        session.add(row)
+    if reply_to_bots is not None:
+        row.reply_to_bots = reply_to_bots
+    row.updated_at = _now()
+    row.updated_by = by
+    session.flush()
+    return row
+
+
+_UNSET: Any = object()
+
+
+def set_channel_settings(session: Session, platform: str, server_ref: Ref, channel_ref: Ref, by: str | None = None,
+                         enabled: bool | None = None, threshold: float | None = _UNSET,
+                         bot_name: str | None = None) -> m.ChannelSettings:
+    """Create or change a channel's bot settings. `enabled` None keeps it; `threshold` None goes back to the
+    engine's, left out keeps it. Enabling records `enabled_at` (a backfill never reaches further back)."""
+    if threshold is not _UNSET and threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise StorageError(f"a threshold is between 0 and 1, got {threshold}")
+    srv = ensure_server(session, platform, server_ref)
+    channel = ensure_channel(session, platform, srv.id, channel_ref, bot_name)
+    row = session.get(m.ChannelSettings, channel.id)
+    if row is None:
+        row = m.ChannelSettings(channel_id=channel.id, enabled=False)
+        session.add(row)
+    now = _now()
+    if enabled is not None:
+        if enabled and not row.enabled:
+            row.enabled_at = now
+        row.enabled = enabled
+    if threshold is not _UNSET:
+        row.threshold = threshold
+    row.updated_at = now
+    row.updated_by = by
+    session.flush()
+    return row

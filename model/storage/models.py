@@ -200,3 +200,25 @@ class Export(Base):
     conversations: Mapped[int] = mapped_column(Integer)
     labelled: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ServerSettings(Base):
+    """A platform bot's settings for one server (Discord: set with `/chime ...` slash commands)."""
+
+    __tablename__ = "server_settings"
+    server_id: Mapped[str] = mapped_column(ForeignKey("servers.id", ondelete="CASCADE"), primary_key=True)
+    reply_to_bots: Mapped[bool] = mapped_column(Boolean, default=False)  # other bots' and webhooks' messages too
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(160))  # who changed them last (e.g. "discord:123")
+
+
+class ChannelSettings(Base):
+    """A platform bot's settings for one channel: whether it listens there, and its talkativeness."""
+
+    __tablename__ = "channel_settings"
+    channel_id: Mapped[str] = mapped_column(ForeignKey("channels.id", ondelete="CASCADE"), primary_key=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    enabled_at: Mapped[datetime | None]  # when it was last enabled: backfill never reaches further back
+    threshold: Mapped[float | None] = mapped_column(Float)  # None: the engine's (the adapter's calibrated one)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(160))
