@@ -162,6 +162,23 @@ class ChatCompletionRequest(_Schema):
     chime: ChimeOptions | None = None
 
 
+class CompletionRequest(_Schema):
+    """The legacy completions API (`POST /v1/completions`): a raw prompt, no chat template."""
+
+    model: str | None = None  # any value: one model is served
+    prompt: str | list[int] = Field(min_length=1)  # text, or token ids of the served model's tokenizer
+    max_tokens: int = Field(default=16, ge=1)  # OpenAI's default
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    logprobs: int | None = Field(default=None, ge=0)  # top logprobs per generated token (at most the server's max_logprobs)
+    echo: bool = False
+    stop: str | list[str] | None = None
+    n: Literal[1] | None = None
+    stream: bool = False
+    return_tokens_as_token_ids: bool = False  # vLLM's extension: tokens named "token_id:N"
+
+
 class ApiError(Exception):
     """An error the client caused or should see, rendered as OpenAI's error object."""
 
@@ -377,6 +394,136 @@ def run_plan(engine: "Engine", plan: Plan, post: Callable[[str, Any], None] | No
             engine.reset(channel_id)
 
 
+# ---------------------------------------------------------------------------- raw completions
+
+
+@dataclass(eq=False)
+class _CachedPrompt:
+    runner: Any
+    state: Any
+    ids: list[int]
+
+
+class PromptCache:
+    """Runner states of recent raw completions: a prompt that extends one of them runs only its new tokens.
+
+    A remote Chime engine (the `openai` backend) resends a channel's whole history for every decision and
+    every reply token; each such prompt extends the previous one, so with this cache each costs only its
+    new tokens, as with vLLM's prefix caching. A few states are kept (about one per active channel): a
+    prompt continues the state sharing most of it (at least half of that state: the same conversation,
+    whose re-rendered last turn may differ), else takes a fresh state or the least recently used one.
+    """
+
+    def __init__(self, slots: int = 4):
+        self.slots = slots
+        self._entries: list[_CachedPrompt] = []
+
+    def forward(self, runner: Any, ids: list[int]) -> tuple[_CachedPrompt, Any]:
+        """Bring a state to exactly `ids` (at least the last token is run); returns it and the last output."""
+        from model.engine import _common_prefix
+
+        self._entries = [e for e in self._entries if e.runner is runner]  # a swapped model: old caches are void
+        shared = {id(e): _common_prefix(e.ids, ids) for e in self._entries}
+        entry = max(self._entries, key=lambda e: shared[id(e)], default=None)
+        if entry is None or 2 * shared[id(entry)] < len(entry.ids):
+            if len(self._entries) < self.slots:
+                entry = _CachedPrompt(runner, runner.new_state(), [])
+            else:
+                entry = self._entries[0]
+        if entry in self._entries:
+            self._entries.remove(entry)
+        self._entries.append(entry)  # most recently used last
+        keep = min(_common_prefix(entry.ids, ids), len(ids) - 1)
+        runner.crop(entry.state, keep)
+        out = runner.extend(entry.state, ids[keep:])
+        entry.ids = list(ids)
+        return entry, out
+
+    def extend(self, entry: _CachedPrompt, token: int) -> Any:
+        out = entry.runner.extend(entry.state, [token])
+        entry.ids.append(token)
+        return out
+
+
+def completion_ids(req: CompletionRequest, engine: "Engine", max_logprobs: int = 20) -> list[int]:
+    """The request's prompt as token ids, checked against the vocabulary and the context; ApiError (400) otherwise."""
+    if req.logprobs is not None and req.logprobs > max_logprobs:
+        raise ApiError(400, f"logprobs can be at most {max_logprobs}", "logprobs")
+    if req.echo:
+        raise ApiError(400, "echo is not supported", "echo")
+    if req.stream:
+        raise ApiError(400, "streaming is not supported for /v1/completions", "stream")
+    if isinstance(req.prompt, str):
+        ids = engine.fmt.encode(req.prompt)
+    else:
+        ids = list(req.prompt)
+        vocab = len(engine.fmt.tokenizer)
+        if any(not 0 <= i < vocab for i in ids):
+            raise ApiError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+    if not ids:
+        raise ApiError(400, "the prompt is empty", "prompt")
+    if len(ids) + req.max_tokens > engine.config.max_context_tokens:
+        raise ApiError(400, f"prompt ({len(ids)} tokens) plus max_tokens ({req.max_tokens}) exceed the context "
+                            f"({engine.config.max_context_tokens} tokens)", "prompt")
+    return ids
+
+
+def run_completion(engine: "Engine", cache: PromptCache, req: CompletionRequest, ids: list[int]) -> dict[str, Any]:
+    """Continue the raw token ids `ids` with the served model (blocking; in the server's worker thread).
+
+    The engine's sampling (with the request's overrides) picks each token; logprobs are the model's own
+    (log-softmax of the logits before temperature), as vLLM reports them. A token that ends a turn stops
+    generation (finish "stop"): it is listed in the logprobs, not in the text.
+    """
+    import torch
+
+    fmt = engine.fmt
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+
+    def name(token: int) -> str:
+        return f"token_id:{token}" if req.return_tokens_as_token_ids else str(fmt.tokenizer.decode([token]))
+
+    temperature = 0.0 if req.top_p == 0 else req.temperature
+    with engine._lock, _sampling(engine, temperature, req.top_p or None, req.seed):
+        entry, out = cache.forward(engine.runner, ids)
+        generated: list[int] = []
+        tokens: list[str] = []
+        token_logprobs: list[float] = []
+        top_logprobs: list[dict[str, float]] = []
+        text, finish, cut_by_stop_string = "", "length", False
+        while len(generated) < req.max_tokens:
+            logits = engine.runner.next_logits(out).float()
+            token = engine._sample(logits)
+            if req.logprobs is not None:
+                logprobs = torch.log_softmax(logits, dim=-1)
+                values, order = torch.topk(logprobs, min(req.logprobs, logprobs.numel()))
+                top = {name(int(i)): float(v) for i, v in zip(order, values, strict=True)}
+                top.setdefault(name(token), float(logprobs[token]))  # the chosen token is always listed
+                tokens.append(name(token))
+                token_logprobs.append(float(logprobs[token]))
+                top_logprobs.append(top)
+            if token in fmt.stop_ids:
+                finish = "stop"
+                break
+            generated.append(token)
+            text = fmt.decode(generated)
+            cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+            if cut >= 0:
+                text, finish, cut_by_stop_string = text[:cut], "stop", True
+                break
+            if len(generated) < req.max_tokens:
+                out = cache.extend(entry, token)
+    choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    if req.logprobs is not None:
+        offsets = [len(fmt.decode(generated[:i])) for i in range(len(tokens))]
+        choice["logprobs"] = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+                              "text_offset": offsets}
+    n_out = len(generated) + (finish == "stop" and not cut_by_stop_string)  # a stop token counts, as in vLLM
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": model_id(engine), "choices": [choice],
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}}
+
+
 # ---------------------------------------------------------------------------- streaming
 
 
@@ -508,12 +655,20 @@ class EngineWorker:
             cancel.set()
             raise
 
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run other engine work (a raw completion) in the same thread, in turn with the chat requests."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def create_app(engine: "Engine", api_key: str | None = None, default_mode: Mode = "chat") -> "FastAPI":
-    """The HTTP app over `engine`. With `api_key`, every request needs `Authorization: Bearer <api_key>`."""
+def create_app(engine: "Engine", api_key: str | None = None, default_mode: Mode = "chat",
+               max_logprobs: int = 20) -> "FastAPI":
+    """The HTTP app over `engine`. With `api_key`, every request needs `Authorization: Bearer <api_key>`.
+
+    `max_logprobs` caps `logprobs` of `/v1/completions` (vLLM's `--max-logprobs`, 20 by default).
+    """
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -595,6 +750,14 @@ def create_app(engine: "Engine", api_key: str | None = None, default_mode: Mode 
         usage = req.stream_options is not None and req.stream_options.include_usage
         return StreamingResponse(stream_completion(worker, plan, model, fingerprint, usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    prompts = PromptCache()
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(req: CompletionRequest) -> dict[str, Any]:
+        ids = completion_ids(req, engine, max_logprobs)
+        result: dict[str, Any] = await worker.call(run_completion, engine, prompts, req, ids)
+        return result
 
     return app
 

@@ -50,6 +50,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="sampling seed")
     g.add_argument("--full-reencode", action="store_true", help="disable the incremental cache (the naive way)")
     g.add_argument("--no-mention-override", action="store_true", help="@mentions do not force a reply")
+    g.add_argument("--backend", choices=["local", "openai"], help="local model, or a remote OpenAI-compatible "
+                   "completions server (vLLM) for decisions and replies")
+    g.add_argument("--base-url", help="the remote server (--backend openai), e.g. http://gpu1:8000/v1")
+    g.add_argument("--remote-model", help="the model name on the remote server (e.g. the LoRA module's name)")
 
 
 def _engine_config(args: argparse.Namespace) -> Any:
@@ -66,6 +70,9 @@ def _engine_config(args: argparse.Namespace) -> Any:
         "load_in_4bit": args.load_in_4bit,
         "max_context_tokens": args.max_context_tokens,
         "max_new_tokens": args.max_new_tokens,
+        "backend": args.backend,
+        "base_url": args.base_url,
+        "remote_model": args.remote_model,
         "temperature": args.temperature,
         "seed": args.seed,
         "incremental": False if args.full_reencode else None,
@@ -96,7 +103,7 @@ def _serving_registry(args: argparse.Namespace, config: Any) -> Any:
     version replaces the default adapter when it was trained for the same base model."""
     from model.adapter_registry import AdapterRegistry, AdapterRegistryError, default_adapters_dir
 
-    if args.adapter or args.no_adapter:
+    if args.adapter or args.no_adapter or config.backend == "openai":  # a remote server serves its own adapter
         return None
     registry = AdapterRegistry(default_adapters_dir())
     try:

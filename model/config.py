@@ -46,6 +46,12 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # matmul dtype
     load_in_4bit: bool = False  # bitsandbytes NF4; needs CUDA
+    # Backend: "openai" runs the forward passes on a remote OpenAI-compatible completions server (vLLM,
+    # another `chime serve`); only the tokenizer of `model` loads here. The API key comes from the
+    # environment only: CHIME_REMOTE_API_KEY, else OPENAI_API_KEY.
+    backend: Literal["local", "openai"] = "local"
+    base_url: str | None = None  # the server's OpenAI base URL, e.g. http://gpu1:8000/v1 (backend openai)
+    remote_model: str | None = None  # the served model name (vLLM: the --lora-modules name); None: the only one served
     # Decisions
     bot_name: str = "Chime"  # default name; conversations may carry their own
     threshold: float | None = None  # respond when P(respond) >= threshold; None: the adapter's calibrated one, else 0.5
@@ -99,6 +105,13 @@ class EngineConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.bot_name.strip():
             raise ConfigError("bot_name must not be empty")
+        if self.backend == "openai":
+            if not self.base_url or not self.base_url.startswith(("http://", "https://")):
+                raise ConfigError(f"backend openai needs base_url, an http(s) URL such as http://gpu1:8000/v1, got {self.base_url!r}")
+            if self.load_in_4bit:
+                raise ConfigError("load_in_4bit applies to the local backend only: the remote server chooses its weights")
+        elif self.base_url is not None or self.remote_model is not None:
+            raise ConfigError("base_url and remote_model apply to backend openai only (set backend: openai)")
 
 
 def _check_type(name: str, value: Any, hint: Any) -> Any:

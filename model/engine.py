@@ -46,7 +46,7 @@ from model.chat_format import BotTurn, ChatFormat
 from model.config import EngineConfig
 from model.conversation import Message, ToolCall
 from model.errors import ConfigError, ModelLoadError
-from model.loading import LoadedModel, load_model, release_memory, resolve_threshold
+from model.loading import load_model, release_memory, resolve_threshold
 from model.runner import Runner, build_runner
 from model.tool_retrieval import RETRIEVAL_MESSAGES, ToolRetriever
 from model.tools import ToolBudget, ToolRegistry, ToolResult, registry_from_names
@@ -233,18 +233,19 @@ class Engine:
         config = dataclasses.replace(config)  # the engine resolves adapter and thresholds in its own copy
         config.validate()
         explicit = (config.threshold, config.named_threshold)
-        loaded: LoadedModel = load_model(config)
+        runner: Runner
+        if config.backend == "openai":  # forward passes on a remote server: only the tokenizer loads here
+            from model.remote import load_remote
+
+            loaded, runner = load_remote(config)
+        else:
+            loaded = load_model(config)
+            runner = build_runner(loaded.model, dtype=loaded.dtype, device=loaded.device, consume=True)
         config.threshold, config.named_threshold = resolve_threshold(config, loaded.adapter)
         config.adapter = loaded.adapter
         fmt = ChatFormat(
             loaded.tokenizer, max_message_chars=config.max_message_chars, prompt=config.prompt,
             tool_format=config.tool_format,
-        )
-        runner = build_runner(
-            loaded.model,
-            dtype=loaded.dtype,
-            device=loaded.device,
-            consume=True,
         )
         log.info("engine ready: %s (adapter %s) on %s, %s, runner %s", loaded.name, loaded.adapter,
                  loaded.device, loaded.dtype, type(runner).__name__)
@@ -265,6 +266,9 @@ class Engine:
         set keep winning, otherwise the new adapter's calibrated ones apply. Raises ModelLoadError (the
         old adapter keeps serving) when it does not load or its tokenizer differs from the serving one.
         """
+        if self.config.backend == "openai":
+            raise ModelLoadError("the remote backend serves its adapter itself: promote it on the serving engine "
+                                 "(e.g. vLLM --lora-modules), not here")
         with self._reload_lock:
             threshold, named_threshold = self._explicit_thresholds
             config = dataclasses.replace(self.config, adapter=path, threshold=threshold, named_threshold=named_threshold)

@@ -19,3 +19,7 @@ class ConversationFormatError(ChimeError):
 
 class ChatTemplateError(ChimeError):
     """A tokenizer's chat template cannot render Chime's turn structure."""
+
+
+class RemoteEngineError(ChimeError):
+    """A remote inference server (the `openai` backend) could not be reached or gave an unusable answer."""
