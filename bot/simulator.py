@@ -64,7 +64,8 @@ class SimulatorLog:
             bot_mid = self.chat_log.message(server=SERVER, channel=self.channel, author=None, content=d.response or "",
                                             bot_name=self.bot_name)
             self.last_reply = bot_mid  # the simulator's platform ids are the message ids
-        self.chat_log.decision(mid, d, adapter_version=engine.adapter_version, model=engine.model_name, bot_message_id=bot_mid)
+        self.chat_log.decision(mid, d, adapter_version=d.adapter_version or engine.adapter_version, model=engine.model_name,
+                               bot_message_id=bot_mid)
 
 
 def replay(engine: Engine, lines: Iterable[tuple[str, str]], channel: str = CHANNEL,

@@ -78,6 +78,7 @@ class Decision:
     reply_ms: float | None = None
     reply_tokens: int = 0
     forward_tokens: int = 0  # tokens the decision's forward pass actually ran
+    adapter_version: str | None = None  # the adapter that decided (logs; an adapter swap may follow)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -454,8 +455,19 @@ class Engine:
             _, n = self._sync(ch, ch.window_ids() + self.fmt.human_header_ids, need_output=False)
             return n
 
-    def decide(self, channel_id: str, msg: IncomingMessage) -> Decision:
-        """Add the message and decide whether to respond; generates nothing."""
+    def thresholds(self, threshold: float | None = None) -> tuple[float, float | None]:
+        """(threshold, named threshold) for a decision: the engine's, or `threshold` (e.g. a channel's
+        talkativeness) with messages naming the bot keeping the lower of it and the engine's named one,
+        so naming the bot never makes an answer less likely."""
+        assert self.config.threshold is not None
+        if threshold is None:
+            return self.config.threshold, self.config.named_threshold
+        named = self.config.named_threshold
+        return threshold, min(threshold, named) if named is not None else threshold
+
+    def decide(self, channel_id: str, msg: IncomingMessage, threshold: float | None = None) -> Decision:
+        """Add the message and decide whether to respond (at `threshold` when given, see `thresholds`);
+        generates nothing."""
         with self._lock:
             start = time.perf_counter()
             ch = self.channel(channel_id)
@@ -471,10 +483,9 @@ class Engine:
             if math.isnan(p):
                 p = 0.0
             addressed = msg.addressed if msg.addressed is not None else mentions_bot(msg.content, ch.bot_name)
-            assert self.config.threshold is not None
-            speak, threshold = decision_rule(
-                p, addressed, names_bot(msg.content, ch.bot_name), self.config.threshold, self.config.named_threshold,
-                self.config.always_answer_mentions,
+            base, named = self.thresholds(threshold)
+            speak, used = decision_rule(
+                p, addressed, names_bot(msg.content, ch.bot_name), base, named, self.config.always_answer_mentions,
             )
             return Decision(
                 name=msg.name,
@@ -483,8 +494,9 @@ class Engine:
                 p_respond=p,
                 addressed=addressed,
                 latency_ms=(time.perf_counter() - start) * 1000,
-                threshold=threshold,
+                threshold=used,
                 forward_tokens=n,
+                adapter_version=self.adapter_version,
             )
 
     def generate(
@@ -544,10 +556,11 @@ class Engine:
             return int(order[choice])
         return int(torch.multinomial(probs, 1, generator=self._generator))
 
-    def handle(self, channel_id: str, msg: IncomingMessage) -> Decision:
-        """Decide on a message and, when speaking, generate and commit the reply (the live path)."""
+    def handle(self, channel_id: str, msg: IncomingMessage, threshold: float | None = None) -> Decision:
+        """Decide on a message (at `threshold` when given) and, when speaking, generate and commit the reply
+        (the live path)."""
         with self._lock:
-            d = self.decide(channel_id, msg)
+            d = self.decide(channel_id, msg, threshold)
             if d.decision == "respond":
                 start = time.perf_counter()
                 reply = self.generate(channel_id)

@@ -205,13 +205,14 @@ def test_streamed_silence_in_group_mode(client: openai.OpenAI) -> None:
 
 def test_a_client_that_disconnects_stops_its_generation(client: openai.OpenAI, engine: Engine,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    stopped = threading.Event()
+    stopped, started = threading.Event(), threading.Event()
     real_generate = engine.generate
 
     def endless_generate(channel_id: str, max_new_tokens: int | None = None, min_new_tokens: int = 0, on_text=None) -> Reply:
         try:
             for _ in range(20000):
                 on_text("word ")
+                started.set()
                 time.sleep(0.005)
         except Exception:
             stopped.set()
@@ -221,6 +222,9 @@ def test_a_client_that_disconnects_stops_its_generation(client: openai.OpenAI, e
     monkeypatch.setattr(engine, "generate", endless_generate)
     stream = client.chat.completions.create(model="chime", messages=CHAT, stream=True)
     assert next(iter(stream)).choices[0].delta.role == "assistant"
+    # the role chunk goes out before the worker starts: close only once it is generating (under load a
+    # close before that cancels the queued job, and generation rightly never starts)
+    assert started.wait(30)
     stream.close()
     assert stopped.wait(30), "the worker kept generating for a client that left"
     monkeypatch.setattr(engine, "generate", real_generate)

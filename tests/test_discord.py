@@ -261,9 +261,9 @@ async def test_a_mention_gets_a_reply_without_pings(chime: Chime) -> None:
     seen: list[IncomingMessage] = []
     decide = chime.engine.decide
 
-    def spy(channel_id: str, msg: IncomingMessage):
+    def spy(channel_id: str, msg: IncomingMessage, threshold: float | None = None):
         seen.append(msg)
-        return decide(channel_id, msg)
+        return decide(channel_id, msg, threshold)
 
     chime.engine.decide = spy  # type: ignore[method-assign]
     asked = await dpytest.message(f"{mention(chime)} what's the capital of Peru?", chime.general, chime.alice)
@@ -400,7 +400,7 @@ async def test_engine_failures_are_logged_and_the_bot_keeps_serving(chime: Chime
     await chime.enable()
     handle = chime.engine.handle
 
-    def broken(channel_id: str, msg: IncomingMessage):
+    def broken(channel_id: str, msg: IncomingMessage, threshold: float | None = None):
         raise RuntimeError("out of memory")
 
     chime.engine.handle = broken  # type: ignore[method-assign]

@@ -292,3 +292,13 @@ def test_bad_adapter_and_4bit_on_cpu_are_clear_errors(tiny_engine_factory, tmp_p
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA"):
             tiny_engine_factory(load_in_4bit=True)
+
+
+def test_a_per_call_threshold_overrides_the_engines(tiny_engine_factory) -> None:
+    engine = tiny_engine_factory(threshold=0.0, named_threshold=0.0)
+    d = engine.handle("c", IncomingMessage("alice", "pizza?"), threshold=1.0)
+    assert d.decision == "silence" and d.threshold == 1.0 and d.adapter_version == engine.adapter_version
+    assert engine.thresholds(0.3) == (0.3, 0.0)  # naming the bot keeps the lower (the engine's named) one
+    assert engine.thresholds(None) == (0.0, 0.0)
+    assert engine.config.threshold == 0.0  # the engine's own setting is untouched
+    assert engine.handle("c", IncomingMessage("bob", "hi")).decision == "respond"

@@ -47,7 +47,6 @@ class ChimeBot(commands.Bot):
         self.config = config or DiscordConfig()
         self.watcher = watcher
         self.settings = Settings(sessions, PLATFORM, enabled_by_default=self.config.enabled_by_default)
-        self._engine_thresholds: tuple[float | None, float | None] | None = None  # while a channel's is in place
 
     async def setup_hook(self) -> None:
         from bot.discord_bot.admin import AdminCog
@@ -99,29 +98,12 @@ class ChimeBot(commands.Bot):
 
     @property
     def default_threshold(self) -> float:
-        """The engine's own threshold, even while a channel's is in place for a decision."""
-        saved = self._engine_thresholds
-        threshold = saved[0] if saved is not None else self.engine.config.threshold
+        """The engine's own threshold (channels without their own talkativeness use it)."""
+        threshold = self.engine.config.threshold
         return threshold if threshold is not None else 0.5
 
     def handle(self, channel_id: str, incoming: IncomingMessage, threshold: float | None) -> tuple[Decision, str]:
-        """`Engine.handle` with the channel's threshold (blocking: run in a worker thread); returns the decision
-        and the adapter version that made it.
-
-        The engine has one threshold, so a channel's own one is put in place for this call and taken back after.
-        This happens under the engine's lock, which the adapter watcher also takes to swap in a new adapter's
-        calibrated thresholds, so a swap never interleaves. A named message keeps the lower of the channel's
-        threshold and the engine's named one: naming the bot never makes it less likely to answer.
-        """
-        engine = self.engine
-        with engine._lock:
-            if threshold is None:
-                return engine.handle(channel_id, incoming), engine.adapter_version
-            saved = self._engine_thresholds = engine.config.threshold, engine.config.named_threshold
-            engine.config.threshold = threshold
-            engine.config.named_threshold = min(threshold, saved[1] if saved[1] is not None else threshold)
-            try:
-                return engine.handle(channel_id, incoming), engine.adapter_version
-            finally:
-                engine.config.threshold, engine.config.named_threshold = saved
-                self._engine_thresholds = None
+        """`Engine.handle` at the channel's threshold (blocking: run in a worker thread); returns the decision
+        and the adapter version that made it (`Engine.thresholds` says how a named message is treated)."""
+        d = self.engine.handle(channel_id, incoming, threshold=threshold)
+        return d, d.adapter_version or self.engine.adapter_version
