@@ -251,6 +251,40 @@ def test_the_command_needs_a_token_and_reads_its_settings(monkeypatch) -> None:
         _bot_config(parser.parse_args(["discord", "--replies-per-user", "-1"]))
 
 
+@pytest.mark.asyncio
+async def test_sharding_splits_one_bot_over_processes(tiny_engine_factory, tmp_path: Path) -> None:
+    """What can be checked without a gateway: the sharded bot is discord.py's AutoShardedBot with the
+    shard count and this process's shard ids; the settings refuse inconsistent ones."""
+    import argparse
+
+    from bot.discord_bot import _bot_config, add_arguments
+    from bot.discord_bot.client import ShardedChimeBot, make_bot
+    from model.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser.add_subparsers())
+    config = _bot_config(parser.parse_args(["discord", "--shards", "4", "--shard-ids", "2,3"]))
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    log = ChatLog(url, platform="discord", spool=tmp_path / "s.jsonl")
+    db = make_engine(url)
+    engine = tiny_engine_factory()
+    bot = make_bot(engine, log, sessions(db), config)
+    assert isinstance(bot, ShardedChimeBot) and isinstance(bot, discord.AutoShardedClient)
+    assert (bot.shard_count, bot.shard_ids) == (4, [2, 3])
+    assert bot.engine is engine and bot.config.shard_ids == [2, 3]  # the same ChimeBot underneath
+    plain = make_bot(engine, log, sessions(db), _bot_config(parser.parse_args(["discord"])))
+    assert type(plain) is ChimeBot
+    auto = make_bot(engine, log, sessions(db), _bot_config(parser.parse_args(["discord", "--shards", "auto"])))
+    assert isinstance(auto, discord.AutoShardedClient) and auto.shard_count is None
+    for bad in (["--shard-ids", "0"], ["--shards", "auto", "--shard-ids", "0"], ["--shards", "2", "--shard-ids", "2"],
+                ["--shards", "zero"]):
+        with pytest.raises(ConfigError, match="shard"):
+            _bot_config(parser.parse_args(["discord", *bad]))
+    await plain.close()  # (a sharded client that never connected has no gateway state to close)
+    log.close()
+    db.dispose()
+
+
 # ----------------------------------------------------------------------------- messages
 
 

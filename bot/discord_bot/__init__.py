@@ -32,6 +32,8 @@ What the bot does (details in `client.py`, `chat.py`, `admin.py`):
 - **Logging and consent** (docs/memory.md): messages, decisions (with the adapter version), the bot's replies,
   edits, deletions and reactions on its messages go to the database as platform "discord". Training on them
   needs `/chime consent on` (administrators). Anyone can `/chime optout`, `/chime optin`, `/chime forget-me`.
+- **Sharding**: `--shards auto|N` runs discord.py's AutoShardedBot; `--shards N --shard-ids 0,1` runs only
+  those shards in this process, so one bot spreads over processes that share the database.
 - **Backfill**: after a fresh gateway session (not a resume) each enabled channel is read back from its last
   logged message; the missed messages are logged and given to the engine as context, never answered.
 """
@@ -65,8 +67,20 @@ class DiscordConfig:
     # Slash commands
     sync_commands: bool = True  # publish the /chime commands to Discord at start-up
     sync_guild: int | None = None  # publish them to this one server only (instant; for development)
+    # Sharding (discord.py's AutoShardedBot): "auto" lets Discord choose the shard count; a number fixes it.
+    # With `shard_ids`, this process runs only those shards: split one bot over several processes that
+    # share the database (each with the full shard count and its own ids).
+    shards: str | None = None  # None: one gateway connection (fine below ~2,500 servers) | "auto" | "N"
+    shard_ids: list[int] | None = None
 
     def validate(self) -> None:
+        if self.shards is not None and self.shards != "auto" and not (self.shards.isdigit() and int(self.shards) > 0):
+            raise ConfigError(f"shards must be 'auto' or a positive number, got {self.shards!r}")
+        if self.shard_ids is not None:
+            if self.shards is None or not self.shards.isdigit():
+                raise ConfigError("shard_ids needs a fixed shard count (shards: N): every process must agree on it")
+            if not self.shard_ids or any(not 0 <= i < int(self.shards) for i in self.shard_ids):
+                raise ConfigError(f"shard_ids must be between 0 and {int(self.shards) - 1}, got {self.shard_ids}")
         if self.backfill_limit < 0:
             raise ConfigError(f"backfill_limit must be >= 0, got {self.backfill_limit}")
         if self.replies_per_user < 0:
@@ -89,6 +103,8 @@ def add_arguments(sub: Any) -> None:
     p.add_argument("--backfill-limit", type=int, help="messages per channel read back after reconnecting (default 200)")
     p.add_argument("--no-sync-commands", action="store_true", help="do not publish the /chime slash commands")
     p.add_argument("--sync-guild", type=int, help="publish the slash commands to this server only (instant)")
+    p.add_argument("--shards", help="shard the gateway connection (AutoShardedBot): 'auto' or a shard count")
+    p.add_argument("--shard-ids", help="run only these shards in this process, e.g. 0,1 (with --shards N)")
     _add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -103,6 +119,8 @@ def _bot_config(args: argparse.Namespace) -> DiscordConfig:
         "backfill_limit": args.backfill_limit,
         "sync_commands": False if args.no_sync_commands else None,
         "sync_guild": args.sync_guild,
+        "shards": args.shards,
+        "shard_ids": [int(i) for i in args.shard_ids.split(",")] if args.shard_ids else None,
     })
 
 
@@ -119,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     import discord
 
     from bot.cli import _engine_config, _serving_registry
-    from bot.discord_bot.client import ChimeBot
+    from bot.discord_bot.client import make_bot
     from model.adapter_registry import AdapterWatcher
     from model.engine import Engine
     from model.storage.db import make_engine, sessions
@@ -131,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     chat_log = ChatLog(args.db, platform=PLATFORM)  # migrates the database (or keeps trying while it is down)
     db = make_engine(chat_log.url)
     watcher = AdapterWatcher(engine, registry) if registry is not None else None
-    bot = ChimeBot(engine, chat_log, sessions(db), bot_config, watcher=watcher)
+    bot = make_bot(engine, chat_log, sessions(db), bot_config, watcher=watcher)
 
     async def serve() -> None:
         async with bot:

@@ -107,3 +107,21 @@ class ChimeBot(commands.Bot):
         and the adapter version that made it (`Engine.thresholds` says how a named message is treated)."""
         d = self.engine.handle(channel_id, incoming, threshold=threshold)
         return d, d.adapter_version or self.engine.adapter_version
+
+
+class ShardedChimeBot(ChimeBot, commands.AutoShardedBot):
+    """ChimeBot over several gateway connections (discord.py's AutoShardedBot); same cogs and behaviour."""
+
+
+def make_bot(engine: Engine, chat_log: ChatLog, sessions: sessionmaker[Session], config: DiscordConfig,
+             watcher: AdapterWatcher | None = None) -> ChimeBot:
+    """A `ChimeBot`, or a `ShardedChimeBot` when `config.shards` asks for sharding."""
+    if config.shards is None:
+        return ChimeBot(engine, chat_log, sessions, config, watcher=watcher)
+    options: dict[str, Any] = {}
+    if config.shards != "auto":
+        options["shard_count"] = int(config.shards)
+    if config.shard_ids is not None:
+        options["shard_ids"] = list(config.shard_ids)
+    return ShardedChimeBot(engine, chat_log, sessions, config, watcher=watcher, **options)
+
