@@ -418,6 +418,9 @@ class PromptCache:
         self.slots = slots
         self._entries: list[_CachedPrompt] = []
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def forward(self, runner: Any, ids: list[int]) -> tuple[_CachedPrompt, Any]:
         """Bring a state to exactly `ids` (at least the last token is run); returns it and the last output."""
         from model.engine import _common_prefix
@@ -637,6 +640,30 @@ def _sse(data: dict[str, Any] | str) -> str:
 # ---------------------------------------------------------------------------- the app
 
 
+class LoraRequest(_Schema):
+    """vLLM's runtime adapter requests: `{"lora_name", "lora_path"}` (unload needs only the name)."""
+
+    lora_name: str = Field(min_length=1, max_length=200)
+    lora_path: str | None = None
+
+
+class LoraRoutes:
+    """Which adapter serves a request: the one loaded under the request's `model` name, else the one the
+    server started with. Swapping happens in the engine thread, between requests."""
+
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self.routes: dict[str, str] = {}
+        self.default = engine.adapter
+
+    def serve(self, model: str | None, prompts: "PromptCache") -> None:
+        target = self.routes.get(model or "", self.default)
+        if target == self.engine.adapter:
+            return
+        self.engine.reload_adapter(target)
+        prompts.clear()  # cached states hold the old weights' keys and values
+
+
 class EngineWorker:
     """Runs engine work in one thread, one request at a time in arrival order, off the event loop."""
 
@@ -664,10 +691,14 @@ class EngineWorker:
 
 
 def create_app(engine: "Engine", api_key: str | None = None, default_mode: Mode = "chat",
-               max_logprobs: int = 20) -> "FastAPI":
+               max_logprobs: int = 20, allow_lora_updates: bool = False) -> "FastAPI":
     """The HTTP app over `engine`. With `api_key`, every request needs `Authorization: Bearer <api_key>`.
 
     `max_logprobs` caps `logprobs` of `/v1/completions` (vLLM's `--max-logprobs`, 20 by default).
+    `allow_lora_updates` opens vLLM's runtime adapter endpoints (`POST /v1/load_lora_adapter` and
+    `/v1/unload_lora_adapter`, vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING): a request whose `model` names a
+    loaded adapter is served with it (the engine swaps adapters between requests); any other name gets
+    the adapter the server started with. `chime retrain --backend openai` uses them to evaluate a candidate.
     """
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -675,6 +706,7 @@ def create_app(engine: "Engine", api_key: str | None = None, default_mode: Mode 
     from starlette.exceptions import HTTPException
 
     worker = EngineWorker(engine)
+    loras = LoraRoutes(engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -731,7 +763,30 @@ def create_app(engine: "Engine", api_key: str | None = None, default_mode: Mode 
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+        adapters = [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "chime", "root": path,
+                     "parent": model_card()["id"]} for name, path in loras.routes.items()]
+        return {"object": "list", "data": [model_card(), *adapters]}
+
+    @app.post("/v1/load_lora_adapter", dependencies=[Depends(authorize)])
+    async def load_lora_adapter(req: LoraRequest) -> dict[str, Any]:
+        if not allow_lora_updates:
+            raise ApiError(400, "runtime adapter updates are off (chime serve --allow-lora-updates)", code="lora_updates_off")
+        if not req.lora_path:
+            raise ApiError(400, "lora_path is required", "lora_path")
+        if req.lora_name in loras.routes:
+            raise ApiError(400, f"an adapter named {req.lora_name!r} is already loaded; unload it first", "lora_name")
+        if not (Path(req.lora_path) / "adapter_config.json").is_file():
+            raise ApiError(400, f"not an adapter directory on this server: {req.lora_path}", "lora_path")
+        loras.routes[req.lora_name] = str(Path(req.lora_path).resolve())
+        return {"object": "lora_adapter", "lora_name": req.lora_name, "lora_path": loras.routes[req.lora_name]}
+
+    @app.post("/v1/unload_lora_adapter", dependencies=[Depends(authorize)])
+    async def unload_lora_adapter(req: LoraRequest) -> dict[str, Any]:
+        if not allow_lora_updates:
+            raise ApiError(400, "runtime adapter updates are off (chime serve --allow-lora-updates)", code="lora_updates_off")
+        if loras.routes.pop(req.lora_name, None) is None:
+            raise ApiError(404, f"no adapter named {req.lora_name!r} is loaded", "lora_name", code="model_not_found")
+        return {"object": "lora_adapter", "lora_name": req.lora_name, "unloaded": True}
 
     @app.get("/v1/models/{model:path}", dependencies=[Depends(authorize)])
     async def get_model(model: str) -> dict[str, Any]:
@@ -743,6 +798,7 @@ def create_app(engine: "Engine", api_key: str | None = None, default_mode: Mode 
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)], response_model=None)
     async def chat_completions(req: ChatCompletionRequest) -> dict[str, Any] | StreamingResponse:
+        await worker.call(loras.serve, req.model, prompts)
         plan = plan_request(req, engine, default_mode)
         model, fingerprint = model_id(engine), engine.adapter_version
         if not req.stream:
@@ -755,6 +811,7 @@ def create_app(engine: "Engine", api_key: str | None = None, default_mode: Mode 
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(req: CompletionRequest) -> dict[str, Any]:
+        await worker.call(loras.serve, req.model, prompts)
         ids = completion_ids(req, engine, max_logprobs)
         result: dict[str, Any] = await worker.call(run_completion, engine, prompts, req, ids)
         return result
@@ -826,6 +883,8 @@ def add_arguments(sub: Any) -> None:
                                    "'Authorization: Bearer <key>'. See docs/api.md.")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--allow-lora-updates", action="store_true",
+                   help="open /v1/load_lora_adapter and /v1/unload_lora_adapter (as vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING)")
     p.add_argument("--mode", choices=["chat", "group"], default="chat",
                    help="for requests without chime.mode: chat (always reply, default) or group (decide first)")
     _add_engine_args(p)
@@ -853,7 +912,7 @@ def run(args: argparse.Namespace) -> int:
     api_key = os.environ.get("CHIME_API_KEY") or None
     if api_key is None and args.host not in LOOPBACK_HOSTS:
         log.warning("serving on %s without CHIME_API_KEY: anyone who can reach the port can use the model", args.host)
-    app = create_app(engine, api_key=api_key, default_mode=args.mode)
+    app = create_app(engine, api_key=api_key, default_mode=args.mode, allow_lora_updates=args.allow_lora_updates)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"chime serve: http://{host}:{args.port}/v1 serving {model_id(engine)} ({args.mode} mode by default; "
           f"API key {'required' if api_key else 'not required'})", file=sys.stderr)

@@ -52,6 +52,7 @@ class EngineConfig:
     backend: Literal["local", "openai"] = "local"
     base_url: str | None = None  # the server's OpenAI base URL, e.g. http://gpu1:8000/v1 (backend openai)
     remote_model: str | None = None  # the served model name (vLLM: the --lora-modules name); None: the only one served
+    remote_top_logprobs: int = 20  # logprobs asked per position (vLLM's --max-logprobs caps it; the markers must be in them)
     # Decisions
     bot_name: str = "Chime"  # default name; conversations may carry their own
     threshold: float | None = None  # respond when P(respond) >= threshold; None: the adapter's calibrated one, else 0.5
@@ -110,7 +111,9 @@ class EngineConfig:
                 raise ConfigError(f"backend openai needs base_url, an http(s) URL such as http://gpu1:8000/v1, got {self.base_url!r}")
             if self.load_in_4bit:
                 raise ConfigError("load_in_4bit applies to the local backend only: the remote server chooses its weights")
-        elif self.base_url is not None or self.remote_model is not None:
+        if self.remote_top_logprobs < 2:
+            raise ConfigError(f"remote_top_logprobs must be at least 2, got {self.remote_top_logprobs}")
+        if self.backend != "openai" and (self.base_url is not None or self.remote_model is not None):
             raise ConfigError("base_url and remote_model apply to backend openai only (set backend: openai)")
 
 

@@ -58,32 +58,14 @@ class RemoteState:
     ids: list[int] = field(default_factory=list)
 
 
-class RemoteRunner(Runner):
-    """A Runner whose forward passes happen on an OpenAI-compatible completions server."""
+class RemoteClient:
+    """JSON requests to an OpenAI-compatible server; connection failures retried, every failure typed."""
 
-    def __init__(
-        self,
-        base_url: str,
-        model: str,
-        tokenizer: Any,
-        api_key: str | None = None,
-        top_logprobs: int = 20,
-        timeout_s: float = 60.0,
-        connect_retries: int = 2,
-    ):
-        self.device = "remote"
+    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 60.0, connect_retries: int = 2):
         self.base_url = normalize_base_url(base_url)
-        self.model = model
-        self.tokenizer = tokenizer
-        self.vocab_size = len(tokenizer)
-        self.top_logprobs = top_logprobs
+        self._api_key = api_key
         self.timeout_s = timeout_s
         self.connect_retries = connect_retries
-        self._api_key = api_key
-        self._ids_by_text: dict[str, int] | None = None  # for servers that name tokens by their text
-        self._last: tuple[tuple[int, ...], dict[int, float]] | None = None  # one request per position
-
-    # ------------------------------------------------------------------ HTTP
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """One JSON request; connection failures are retried, every failure becomes RemoteEngineError."""
@@ -115,6 +97,45 @@ class RemoteRunner(Runner):
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise RemoteEngineError(f"{method} {url}: the answer is not JSON: {e}") from e
         raise AssertionError("unreachable")
+
+
+    def load_lora_adapter(self, name: str, path: str) -> None:
+        """vLLM's runtime adapter loading (the server needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or
+        `chime serve --allow-lora-updates`); `path` must exist on the server's filesystem."""
+        self.request("POST", "/load_lora_adapter", {"lora_name": name, "lora_path": path})
+
+    def unload_lora_adapter(self, name: str) -> None:
+        self.request("POST", "/unload_lora_adapter", {"lora_name": name})
+
+
+class RemoteRunner(Runner):
+    """A Runner whose forward passes happen on an OpenAI-compatible completions server."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        tokenizer: Any,
+        api_key: str | None = None,
+        top_logprobs: int = 20,
+        timeout_s: float = 60.0,
+        connect_retries: int = 2,
+    ):
+        self.device = "remote"
+        self.base_url = normalize_base_url(base_url)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+        self.top_logprobs = top_logprobs
+        self.timeout_s = timeout_s
+        self.client = RemoteClient(self.base_url, api_key, timeout_s, connect_retries)
+        self._ids_by_text: dict[str, int] | None = None  # for servers that name tokens by their text
+        self._last: tuple[tuple[int, ...], dict[int, float]] | None = None  # one request per position
+
+    # ------------------------------------------------------------------ HTTP
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self.client.request(method, path, body)
 
     def served_models(self) -> list[str]:
         data = self.request("GET", "/models").get("data")
@@ -232,7 +253,8 @@ def load_remote(config: EngineConfig) -> tuple[LoadedModel, RemoteRunner]:
     assert config.base_url is not None, "validate() requires base_url for the openai backend"
     path = str(prepare_default_model()) if config.model == DEFAULT_MODEL else config.model
     tokenizer = load_tokenizer(path)
-    runner = RemoteRunner(config.base_url, config.remote_model or "", tokenizer, api_key=remote_api_key())
+    runner = RemoteRunner(config.base_url, config.remote_model or "", tokenizer, api_key=remote_api_key(),
+                          top_logprobs=config.remote_top_logprobs)
     served = runner.served_models()
     if config.remote_model is None:
         if len(served) != 1:

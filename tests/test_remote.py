@@ -128,3 +128,37 @@ def test_completions_endpoint_openai_shape(base_url: str, tiny_format: Any) -> N
     for bad in ({"echo": True}, {"logprobs": VOCAB + 1}, {"prompt": [VOCAB + 5]}):
         with pytest.raises(openai.BadRequestError):
             client.completions.create(**{"model": "x", "prompt": ids, "max_tokens": 1, **bad})
+
+
+def test_retrain_evaluates_and_promotes_on_a_remote_server(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`chime retrain --backend openai`: the candidate is loaded into the server at run time, both adapters
+    are evaluated there, and after the promotion the name the bots use serves the new adapter."""
+    from datetime import datetime, timezone
+
+    from model.adapter_registry import AdapterRegistry
+    from tests.test_retrain import _cfg, _log_chats
+    from training.retrain import run_cycle
+
+    server = Engine.from_config(EngineConfig(**_settings(tiny_model_dir)))
+    app = create_app(server, max_logprobs=VOCAB, allow_lora_updates=True)
+    seen: list[str] = []
+    serve = server.reload_adapter
+
+    def spy(path: str | None) -> None:  # every adapter the server switches to, in order
+        seen.append(Path(path).name if path else "base")
+        serve(path)
+
+    server.reload_adapter = spy  # type: ignore[method-assign]
+    with serving(app) as url:
+        cfg = _cfg(tmp_path, tiny_model_dir, f1_tolerance=2.0, fi_tolerance=2.0, named_tolerance=2.0,
+                   backend="openai", base_url=url, remote_model="chime", remote_top_logprobs=VOCAB)
+        _log_chats(cfg.db, tmp_path, 6, datetime(2026, 11, 1, tzinfo=timezone.utc))
+        result = run_cycle(cfg)
+        assert result.status == "promoted", result.reason
+        current = AdapterRegistry(cfg.adapters_dir).current()
+        assert seen[0] == "adapter"  # the candidate (runs/<name>/adapter) was evaluated on the server ...
+        assert "base" in seen  # ... and so was the serving one ("chime" is not loaded yet: the base model)
+        models = openai.OpenAI(base_url=url, api_key="x").models.list()
+        served = {m.id: m.model_extra.get("root") for m in models.data}
+        assert served.get("chime") == str(current.path.resolve())  # the bots' name now serves the promotion
+        assert result.candidate not in served  # the candidate's own name was unloaded

@@ -65,6 +65,14 @@ class RetrainConfig:
     named_tolerance: float = 0.01
     retention_days: float | None = None
     smoke_conversations: int = 3
+    # Evaluate on a remote OpenAI-compatible server (vLLM) instead of locally: it must allow runtime
+    # adapter loading (vLLM: VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; `chime serve --allow-lora-updates`),
+    # see the adapter directories at the same paths, and serve the current adapter as `remote_model`.
+    # After a promotion that name is re-pointed at the new adapter, so bots using it switch too.
+    backend: str = "local"  # local | openai
+    base_url: str | None = None
+    remote_model: str | None = None
+    remote_top_logprobs: int = 20
 
 
 @dataclass
@@ -208,9 +216,10 @@ def cached_dev_evaluation(cfg: RetrainConfig, adapter_name: str, key: str) -> di
 
 
 def evaluate_on(recipe: Any, adapter: str | None, heldout: Path, min_messages: int,
-                dev: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+                dev: dict[str, Any] | None = None, remote: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Metrics on the dev split (thresholds calibrated there, as training does; `dev`: a stored result to
-    reuse) and on the held-out logged slice at those thresholds."""
+    reuse) and on the held-out logged slice at those thresholds. `remote`: engine settings for a remote
+    backend serving `adapter` (`backend`, `base_url`, `remote_model`); `adapter` then only names it."""
     from model.config import EngineConfig
     from model.conversation import read_conversations
     from model.engine import Engine
@@ -218,7 +227,7 @@ def evaluate_on(recipe: Any, adapter: str | None, heldout: Path, min_messages: i
     from training.train import evaluate_adapter
 
     if dev is None:
-        dev = evaluate_adapter(recipe, adapter)  # adapter None: the base model alone
+        dev = evaluate_adapter(recipe, adapter, remote)  # adapter None: the base model alone
     out: dict[str, dict[str, Any]] = {"dev": dict(dev["calibrated"])}
     convs = read_conversations(heldout) if heldout.exists() else []
     if convs:
@@ -226,12 +235,49 @@ def evaluate_on(recipe: Any, adapter: str | None, heldout: Path, min_messages: i
             model=recipe.model, adapter=adapter, bot_name=recipe.bot_name, threshold=dev["threshold"],
             named_threshold=dev["named_threshold"], device=recipe.device, tools=list(recipe.tools),
             tool_format=recipe.tool_format, max_prompt_tools=recipe.max_prompt_tools, temperature=0.0,
+            **(remote or {}),
         ))
         metrics, rows = evaluate(engine, convs)
         if len(rows) >= min_messages:
             out["logged-heldout"] = metrics
     out["_dev_evaluation"] = dev
     return out
+
+
+class RemoteEvaluation:
+    """Candidate and serving adapter evaluated on a remote server that loads adapters at run time."""
+
+    def __init__(self, cfg: RetrainConfig):
+        from model.remote import RemoteClient, remote_api_key
+
+        if not cfg.base_url or not cfg.remote_model:
+            raise ConfigError("--backend openai needs --base-url and --remote-model (the name the server serves the "
+                              "current adapter under)")
+        self.cfg = cfg
+        self.client = RemoteClient(cfg.base_url, remote_api_key())
+
+    def settings(self, model: str) -> dict[str, Any]:
+        return {"backend": "openai", "base_url": self.cfg.base_url, "remote_model": model,
+                "remote_top_logprobs": self.cfg.remote_top_logprobs}
+
+    def load(self, name: str, path: str) -> dict[str, Any]:
+        self.client.load_lora_adapter(name, str(Path(path).resolve()))
+        return self.settings(name)
+
+    def serving(self) -> dict[str, Any]:
+        return self.settings(self.cfg.remote_model or "")
+
+    def unload(self, name: str) -> None:
+        self.client.unload_lora_adapter(name)
+
+    def repoint(self, path: str) -> None:
+        """Serve the promoted adapter under the name the bots use (unload, then load it under that name)."""
+        name = self.cfg.remote_model or ""
+        try:
+            self.client.unload_lora_adapter(name)
+        except ChimeError as e:  # the name was the server's base model or a start-up module: nothing to unload
+            log.info("retrain: %s had no runtime adapter %r to unload (%s)", self.cfg.base_url, name, e)
+        self.client.load_lora_adapter(name, str(Path(path).resolve()))
 
 
 def _record(cfg: RetrainConfig, **values: Any) -> None:
@@ -298,11 +344,14 @@ def run_cycle(cfg: RetrainConfig) -> CycleResult:
             from training.train import save_card, train
 
             trained = train(recipe, progress=False)
-            cand = evaluate_on(recipe, trained.adapter_dir, heldout_path, cfg.heldout_min_messages)
+            remote = RemoteEvaluation(cfg) if cfg.backend == "openai" else None
+            cand_remote = remote.load(name, trained.adapter_dir) if remote else None
+            cand = evaluate_on(recipe, trained.adapter_dir, heldout_path, cfg.heldout_min_messages, remote=cand_remote)
             # the candidate's calibrated thresholds go with it, as after `chime train`
             trained.card["evaluation"] = cand["_dev_evaluation"]
             save_card(Path(recipe.output_dir), Path(trained.adapter_dir), recipe, trained.card)
-            serv = evaluate_on(recipe, serving_path, heldout_path, cfg.heldout_min_messages, dev=serving_dev)
+            serv = evaluate_on(recipe, serving_path, heldout_path, cfg.heldout_min_messages, dev=serving_dev,
+                               remote=remote.serving() if remote else None)
         except Exception as e:
             _record(cfg, name=name, status="failed", reason=f"{type(e).__name__}: {e}"[:2000])
             raise
@@ -314,6 +363,8 @@ def run_cycle(cfg: RetrainConfig) -> CycleResult:
         result.serving_dev_reused = serving_dev is not None
         evaluations = {(name, k): v for k, v in cand.items()} | {(serving_name, k): v for k, v in serv.items()}
         ok, reasons = verdict(cand, serv, cfg)
+        if remote is not None:
+            remote.unload(name)
         if not ok:
             result.status, result.reason = "rejected", "; ".join(reasons)
             _record(cfg, name=name, path=trained.adapter_dir, status="rejected", reason=result.reason, evaluations=evaluations)
@@ -324,6 +375,8 @@ def run_cycle(cfg: RetrainConfig) -> CycleResult:
         version = registry.add(trained.adapter_dir, name=name,
                                validate=lambda p: smoke_validate(p, smoke_config, dev_convs, cfg.smoke_conversations))
         registry.promote(version.name)
+        if remote is not None:
+            remote.repoint(str(version.path))
         result.status = "promoted"
         result.reason = "not worse than " + serving_name + " on " + ", ".join(sorted(cand))
         _record(cfg, name=name, path=str(version.path), status="promoted", reason=result.reason,
@@ -404,6 +457,10 @@ def add_arguments(sub: Any) -> None:
     p.add_argument("--fi-tolerance", type=float, default=RetrainConfig.fi_tolerance)
     p.add_argument("--named-tolerance", type=float, default=RetrainConfig.named_tolerance)
     p.add_argument("--retention-days", type=float, help="purge messages older than this before exporting")
+    p.add_argument("--backend", choices=["local", "openai"], default="local",
+                   help="evaluate on a remote OpenAI-compatible server (vLLM with runtime LoRA updates)")
+    p.add_argument("--base-url", help="the remote server, e.g. http://gpu1:8000/v1 (--backend openai)")
+    p.add_argument("--remote-model", help="the name the remote server serves the current adapter under")
     p.set_defaults(func=run)
 
 
@@ -414,7 +471,8 @@ def config_from_args(args: argparse.Namespace) -> RetrainConfig:
         recipe=args.recipe, overrides=parse_overrides(args.overrides), db=args.db, adapters_dir=args.adapters_dir,
         logged_dir=args.logged_dir, runs_dir=args.runs_dir, min_labels=args.min_labels,
         heldout_min_messages=args.heldout_min_messages, f1_tolerance=args.f1_tolerance, fi_tolerance=args.fi_tolerance,
-        named_tolerance=args.named_tolerance, retention_days=args.retention_days,
+        named_tolerance=args.named_tolerance, retention_days=args.retention_days, backend=args.backend,
+        base_url=args.base_url, remote_model=args.remote_model,
     )
 
 

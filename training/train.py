@@ -327,7 +327,7 @@ def save_adapter(model: Any, adapter_dir: Path, save_dtype: str) -> None:
     model.save_pretrained(str(adapter_dir))
 
 
-def evaluate_adapter(recipe: Recipe, adapter_dir: str | None) -> dict[str, Any]:
+def evaluate_adapter(recipe: Recipe, adapter_dir: str | None, engine_settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Decide every dev message with the adapter, calibrate the thresholds there, and score them.
 
     Besides the metrics at the calibrated thresholds (calibrated and scored on the same dev split, as
@@ -344,6 +344,7 @@ def evaluate_adapter(recipe: Recipe, adapter_dir: str | None) -> dict[str, Any]:
         model=recipe.model, adapter=adapter_dir, bot_name=recipe.bot_name, threshold=0.5, device=recipe.device,
         tools=list(recipe.tools), tool_format=recipe.tool_format, max_prompt_tools=recipe.max_prompt_tools,
         temperature=0.0,  # scored tool calls are greedy
+        **(engine_settings or {}),  # e.g. a remote backend (chime retrain --backend openai)
     )
     engine = Engine.from_config(config)
     per_file: dict[str, Any] = {}
