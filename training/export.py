@@ -122,13 +122,14 @@ def export(
         bot_name = channel.bot_name or bot_name_default
         timeline = _timeline(session, channel, bot_name, report)
         labels = {lab.index: lab for lab in derive_labels([t.event for t in timeline], rules)}
+        by_id = {it.message.id: it for it in timeline}
         for segment in _segments(timeline, gap_minutes, max_messages):
             if since is not None and _aware(timeline[segment[0]].message.created_at) < since:
                 continue
             seg_labels = [labels[i] for i in segment if i in labels]
             if not seg_labels:
                 continue
-            conv = _conversation(timeline, segment, labels, pseudo, bot_name, channel.id)
+            conv = _conversation(timeline, by_id, segment, labels, pseudo, bot_name, channel.id)
             conversations.append(conv)
             report.conversations += 1
             report.heldout_conversations += split_key(conv.id or "") < DEV_FRACTION
@@ -217,9 +218,8 @@ def _segments(timeline: Sequence[_Item], gap_minutes: float, max_messages: int) 
     return segments
 
 
-def _conversation(timeline: Sequence[_Item], segment: Sequence[int], labels: dict[int, Label], pseudo: Pseudonyms,
-                  bot_name: str, channel_id: str) -> Conversation:
-    by_id = {it.message.id: it for it in timeline}
+def _conversation(timeline: Sequence[_Item], by_id: dict[str, _Item], segment: Sequence[int], labels: dict[int, Label],
+                  pseudo: Pseudonyms, bot_name: str, channel_id: str) -> Conversation:
     messages: list[Message] = []
     for i in segment:
         it = timeline[i]

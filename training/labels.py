@@ -52,14 +52,16 @@ def _normalize_emoji(e: str) -> str:
     return e.replace("\ufe0f", "").strip()
 
 
+_NEGATIVE = frozenset(_normalize_emoji(x) for x in NEGATIVE_REACTIONS)
+_POSITIVE = frozenset(_normalize_emoji(x) for x in POSITIVE_REACTIONS)
+
+
 def reaction_sign(emoji: str) -> int:
     """+1 positive, -1 negative, 0 neither."""
     e = _normalize_emoji(emoji)
-    if e in {_normalize_emoji(x) for x in NEGATIVE_REACTIONS}:
+    if e in _NEGATIVE:
         return -1
-    if e in {_normalize_emoji(x) for x in POSITIVE_REACTIONS}:
-        return 1
-    return 0
+    return 1 if e in _POSITIVE else 0
 
 
 @dataclass

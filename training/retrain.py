@@ -38,6 +38,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -136,21 +137,17 @@ def export_logged(cfg: RetrainConfig) -> tuple[Path, Path, dict[str, Any]]:
     """Re-export the database's labelled conversations; split them into training and held-out files."""
     from model.conversation import read_conversations, scored_messages, write_conversations
     from model.storage.admin import purge_older_than
-    from model.storage.db import make_engine, session_scope, upgrade
+    from model.storage.db import upgrade
     from training.corpus import DEV_FRACTION, split_key
     from training.export import export
 
-    engine = make_engine(upgrade(cfg.db))
+    upgrade(cfg.db)
     logged = Path(cfg.logged_dir)
     logged.mkdir(parents=True, exist_ok=True)
     everything = logged / "retrain.all.jsonl.tmp"
-    try:
-        with session_scope(engine) as s:
-            purged = purge_older_than(s, cfg.retention_days) if cfg.retention_days else 0
-        with session_scope(engine) as s:
-            report = export(s, everything, seed=0)
-    finally:
-        engine.dispose()
+    with _session(cfg) as s:
+        purged = purge_older_than(s, cfg.retention_days) if cfg.retention_days else 0
+        report = export(s, everything, seed=0)
     convs = read_conversations(everything)
     everything.unlink()
     heldout = [c for c in convs if split_key(c.id or "") < DEV_FRACTION]
@@ -200,18 +197,13 @@ def cached_dev_evaluation(cfg: RetrainConfig, adapter_name: str, key: str) -> di
     from sqlalchemy import select
 
     from model.storage import models as m
-    from model.storage.db import make_engine, session_scope
 
-    engine = make_engine(cfg.db)
-    try:
-        with session_scope(engine) as s:
-            for row in s.scalars(select(m.Evaluation).where(m.Evaluation.adapter_name == adapter_name, m.Evaluation.dataset == "dev")
-                                 .order_by(m.Evaluation.id.desc())):
-                full = row.metrics.get("_evaluation")
-                if row.metrics.get("_dev_key") == key and isinstance(full, dict):
-                    return full
-    finally:
-        engine.dispose()
+    with _session(cfg) as s:
+        for row in s.scalars(select(m.Evaluation).where(m.Evaluation.adapter_name == adapter_name, m.Evaluation.dataset == "dev")
+                             .order_by(m.Evaluation.id.desc())):
+            full = row.metrics.get("_evaluation")
+            if row.metrics.get("_dev_key") == key and isinstance(full, dict):
+                return full
     return None
 
 
@@ -280,26 +272,33 @@ class RemoteEvaluation:
         self.client.load_lora_adapter(name, str(Path(path).resolve()))
 
 
-def _record(cfg: RetrainConfig, **values: Any) -> None:
-    from model.storage import models as m
+@contextlib.contextmanager
+def _session(cfg: RetrainConfig) -> Iterator[Any]:
+    """One transaction on the configured database (committed on success), its engine disposed after."""
     from model.storage.db import make_engine, session_scope
 
     engine = make_engine(cfg.db)
     try:
         with session_scope(engine) as s:
-            evaluations = values.pop("evaluations", {})
-            row = s.query(m.AdapterRecord).filter_by(name=values["name"]).one_or_none()
-            if row is None:
-                row = m.AdapterRecord(**values)
-                s.add(row)
-            else:
-                for k, v in values.items():
-                    setattr(row, k, v)
-            for (adapter, dataset), metrics in evaluations.items():
-                s.add(m.Evaluation(adapter_name=adapter, dataset=dataset, n_messages=int(metrics.get("n_scored") or 0),
-                                   metrics=json.loads(json.dumps(metrics, default=float))))
+            yield s
     finally:
         engine.dispose()
+
+
+def _record(cfg: RetrainConfig, **values: Any) -> None:
+    from model.storage import models as m
+
+    with _session(cfg) as s:
+        evaluations = values.pop("evaluations", {})
+        row = s.query(m.AdapterRecord).filter_by(name=values["name"]).one_or_none()
+        if row is None:
+            s.add(m.AdapterRecord(**values))
+        else:
+            for k, v in values.items():
+                setattr(row, k, v)
+        for (adapter, dataset), metrics in evaluations.items():
+            s.add(m.Evaluation(adapter_name=adapter, dataset=dataset, n_messages=int(metrics.get("n_scored") or 0),
+                               metrics=json.loads(json.dumps(metrics, default=float))))
 
 
 def run_cycle(cfg: RetrainConfig) -> CycleResult:
@@ -388,15 +387,10 @@ def _seen(cfg: RetrainConfig, data_hash: str) -> bool:
     from sqlalchemy import select
 
     from model.storage import models as m
-    from model.storage.db import make_engine, session_scope
 
-    engine = make_engine(cfg.db)
-    try:
-        with session_scope(engine) as s:
-            return s.scalars(select(m.AdapterRecord).where(m.AdapterRecord.data_hash == data_hash,
-                                                           m.AdapterRecord.status.in_(("promoted", "rejected")))).first() is not None
-    finally:
-        engine.dispose()
+    with _session(cfg) as s:
+        return s.scalars(select(m.AdapterRecord).where(m.AdapterRecord.data_hash == data_hash,
+                                                       m.AdapterRecord.status.in_(("promoted", "rejected")))).first() is not None
 
 
 def _done(result: CycleResult, start: float) -> CycleResult:

@@ -95,50 +95,44 @@ def _insert_ignore(session: Session, model: type[m.Base], values: dict[str, Any]
     session.execute(stmt)
 
 
+def _get_or_insert(session: Session, model: type[m.Base], values: dict[str, Any]) -> Any:
+    """The row with `values["id"]`, inserted from `values` when missing (safe against a concurrent writer)."""
+    row = session.get(model, values["id"])
+    if row is None:
+        _insert_ignore(session, model, {**values, "created_at": datetime.now(timezone.utc)})
+        row = session.get(model, values["id"])
+        assert row is not None
+    return row
+
+
 def ensure_server(session: Session, platform: str, ref: Ref) -> m.Server:
-    sid = key(platform, ref.platform_id)
-    server = session.get(m.Server, sid)
-    if server is None:
-        _insert_ignore(session, m.Server, {
-            "id": sid, "platform": platform, "platform_id": ref.platform_id, "name": ref.name,
-            "training_consent": platform == LOCAL_PLATFORM, "log_opted_out": False, "created_at": datetime.now(timezone.utc),
-        })
-        server = session.get(m.Server, sid)
-        assert server is not None
-    elif ref.name and server.name != ref.name:
+    server = _get_or_insert(session, m.Server, {
+        "id": key(platform, ref.platform_id), "platform": platform, "platform_id": ref.platform_id, "name": ref.name,
+        "training_consent": platform == LOCAL_PLATFORM, "log_opted_out": False,
+    })
+    if ref.name and server.name != ref.name:
         server.name = ref.name
     return server
 
 
 def ensure_channel(session: Session, platform: str, server_id: str, ref: Ref, bot_name: str | None) -> m.Channel:
-    cid = key(platform, ref.platform_id)
-    channel = session.get(m.Channel, cid)
-    if channel is None:
-        _insert_ignore(session, m.Channel, {
-            "id": cid, "server_id": server_id, "platform_id": ref.platform_id, "name": ref.name, "bot_name": bot_name,
-            "created_at": datetime.now(timezone.utc),
-        })
-        channel = session.get(m.Channel, cid)
-        assert channel is not None
-    else:
-        if ref.name and channel.name != ref.name:
-            channel.name = ref.name
-        if bot_name and channel.bot_name != bot_name:
-            channel.bot_name = bot_name
+    channel = _get_or_insert(session, m.Channel, {
+        "id": key(platform, ref.platform_id), "server_id": server_id, "platform_id": ref.platform_id, "name": ref.name,
+        "bot_name": bot_name,
+    })
+    if ref.name and channel.name != ref.name:
+        channel.name = ref.name
+    if bot_name and channel.bot_name != bot_name:
+        channel.bot_name = bot_name
     return channel
 
 
 def ensure_person(session: Session, platform: str, ref: Ref) -> m.Person:
-    pid = key(platform, ref.platform_id)
-    person = session.get(m.Person, pid)
-    if person is None:
-        _insert_ignore(session, m.Person, {
-            "id": pid, "platform": platform, "platform_id": ref.platform_id, "display_name": ref.name,
-            "opted_out": False, "created_at": datetime.now(timezone.utc),
-        })
-        person = session.get(m.Person, pid)
-        assert person is not None
-    elif ref.name and person.display_name != ref.name and person.forgotten_at is None:
+    person = _get_or_insert(session, m.Person, {
+        "id": key(platform, ref.platform_id), "platform": platform, "platform_id": ref.platform_id,
+        "display_name": ref.name, "opted_out": False,
+    })
+    if ref.name and person.display_name != ref.name and person.forgotten_at is None:
         person.display_name = ref.name
     return person
 
@@ -550,8 +544,8 @@ def bench_log(url: str, messages: int = 2000) -> dict[str, Any]:
     ok = log_.flush(timeout=600)
     drained = time.perf_counter() - start
     log_.close()
-    answered = (messages + 2) // 3
-    rows = messages * 2 + answered * 2  # people's messages and decisions; replies and the bot's messages
+    n_answered = (messages + 2) // 3
+    rows = messages * 2 + n_answered * 2  # people's messages and decisions; replies and the bot's messages
     enqueue.sort()
     return {
         "url": safe_url(log_.url),
