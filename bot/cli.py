@@ -3,6 +3,7 @@
     chime simulate [--script chat.txt] [--json]      the terminal simulator
     chime eval FILE.jsonl [--json] [--details OUT]   score decisions on conversation files
     chime bench decide|generate|memory [--json]      latency, reply speed and memory benchmarks
+    chime bench load [--rate 50 --seconds 60 --channels 20]   a burst through engine, dispatcher and log
     chime render FILE.jsonl [--index N]              show a rendered conversation, trained tokens marked
     chime bfcl [--categories ...] [--limit N]        tool calling on BFCL, scored by bfcl-eval's checker
     chime db upgrade | consent | opt-out | forget | decisions | label | export   storage (bot/storage_cli.py)
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import ChimeError
+
+DEV_SPLIT = Path(__file__).resolve().parent.parent / "conversations" / "dev"  # the fixed dev split of the corpus
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +321,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from model import benchmark
 
     engine = _build_engine(args)
+    if args.what == "load":
+        from model.loadtest import bench_load
+        from model.storage.db import database_url
+
+        result = bench_load(
+            engine, database_url(args.db), args.conversations or [str(DEV_SPLIT)], rate=args.rate,
+            seconds=args.seconds, channels=args.channels, seed=args.seed or 0, timeout_s=args.decision_timeout,
+            max_pending=args.max_pending, progress=lambda s: print(f"bench load: {s}", file=sys.stderr),
+        )
+        print(json.dumps(result) if args.json else json.dumps(result, indent=1))
+        return 0 if result["lost_rows"] == 0 and result["written"] else 1
     if args.what == "decide":
         history = [int(x) for x in args.history.split(",")]
         result = benchmark.bench_decide(
@@ -526,10 +540,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="benchmarks: decide, generate, memory")
-    p.add_argument("what", choices=["decide", "generate", "memory", "train", "log"])
-    p.add_argument("--db", help="database URL (log; default: $DATABASE_URL, else sqlite in $CHIME_HOME)")
+    p = sub.add_parser("bench", help="benchmarks: decide, generate, memory, train, log, load")
+    p.add_argument("what", choices=["decide", "generate", "memory", "train", "log", "load"])
+    p.add_argument("--db", help="database URL (log, load; default: $DATABASE_URL, else sqlite in $CHIME_HOME)")
     p.add_argument("--messages", type=int, default=2000, help="messages to log (log)")
+    p.add_argument("--rate", type=float, default=50, help="messages per second (load)")
+    p.add_argument("--seconds", type=float, default=60, help="how long to send (load)")
+    p.add_argument("--channels", type=int, default=20, help="channels the messages are spread over (load)")
+    p.add_argument("--conversations", nargs="*", help="conversation files or folders to replay (load; default: the dev split)")
+    p.add_argument("--decision-timeout", type=float, default=30.0, help="seconds an engine call may take (load)")
+    p.add_argument("--max-pending", type=int, default=20, help="messages waiting per channel; past it the oldest are not read (load)")
     p.add_argument("--recipe", default="training/recipes/cpu-lora.yaml", help="recipe whose data and settings to time (train)")
     p.add_argument("--steps", type=int, default=6, help="training steps to time, the first one excluded (train)")
     p.add_argument("--trl-steps", type=int, default=2, help="steps of the default-configured TRL runs (train)")

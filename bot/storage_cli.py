@@ -159,14 +159,15 @@ def cmd_decisions(args: argparse.Namespace) -> int:
     with session_scope(_engine(args)) as s:
         rows = recent_decisions(s, args.limit, args.channel)
         out = [{"message_id": msg.id, "channel": msg.channel_id, "name": msg.display_name, "text": msg.content[:120],
-                "decision": d.decision, "p_respond": round(d.p_respond, 4), "adapter": d.adapter_version,
+                "decision": d.decision, "p_respond": None if d.p_respond is None else round(d.p_respond, 4), "adapter": d.adapter_version,
                 "reply": r.text[:120] if r else None, "at": msg.created_at.isoformat()} for msg, d, r in rows]
     if args.json:
         print(json.dumps(out, ensure_ascii=False, indent=1))
         return 0
     for row in reversed(out):
         reply = f"  -> {row['reply']}" if row["reply"] is not None else ""
-        print(f"{row['message_id'][:10]}  {row['decision']:8} p={row['p_respond']:.2f}  {row['name']}: {row['text']}{reply}")
+        p = "  -  " if row["p_respond"] is None else f"{row['p_respond']:.2f}"
+        print(f"{row['message_id'][:10]}  {row['decision']:8} p={p}  {row['name']}: {row['text']}{reply}")
     return 0
 
 

@@ -391,6 +391,18 @@ class Engine:
             ch.turns.append(_Turn("bot", self.fmt.bot_turn_ids(turn).ids))
             ch.awaiting_bot_turn = False
 
+    def retract_reply(self, channel_id: str) -> None:
+        """Take back the bot's answer to the last message (it was never posted: the platform timed out or
+        failed): the turns after the last human message become one silent bot turn."""
+        with self._lock:
+            ch = self.channel(channel_id)
+            last = max((i for i, t in enumerate(ch.turns) if t.kind == "human"), default=None)
+            if last is None:
+                return
+            del ch.turns[last + 1 :]
+            ch.turns.append(_Turn("bot", self.fmt.bot_turn_ids(BotTurn(kind="silence")).ids))
+            ch.awaiting_bot_turn = False
+
     def _close_pending(self, ch: Channel) -> None:
         if ch.awaiting_bot_turn:  # decided but never committed: the bot stayed silent
             ch.turns.append(_Turn("bot", self.fmt.bot_turn_ids(BotTurn(kind="silence")).ids))

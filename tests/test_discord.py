@@ -7,6 +7,8 @@ minimal fake `Interaction` (user, guild, channel, permissions, response, followu
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -444,6 +446,59 @@ async def test_engine_failures_are_logged_and_the_bot_keeps_serving(chime: Chime
     fixed_reply(chime.engine, "back")
     await dpytest.message(f"{mention(chime)} hi again", chime.general, chime.alice)
     assert [s.content for s in chime.sent()] == ["back"]
+
+
+@pytest.mark.asyncio
+async def test_a_backend_that_times_out_leaves_the_bot_silent_and_logged(chime: Chime, caplog) -> None:
+    await chime.enable()
+    cog = chime.bot.get_cog("ChatCog")
+    assert isinstance(cog, ChatCog)
+    cog.dispatcher.timeout_s = 0.3
+    fixed_reply(chime.engine, "late answer")
+    handle = chime.engine.handle
+
+    def stuck(channel_id: str, msg: IncomingMessage, threshold: float | None = None):
+        time.sleep(1.5)  # a remote backend that hangs past the timeout
+        return handle(channel_id, msg, threshold)
+
+    chime.engine.handle = stuck  # type: ignore[method-assign]
+    started = time.monotonic()
+    await dpytest.message(f"{mention(chime)} are you there?", chime.general, chime.alice)
+    assert time.monotonic() - started < 1.2 and chime.sent() == []
+    assert "longer than 0.3 s" in caplog.text
+    chime.engine.handle = handle  # type: ignore[method-assign]
+    fixed_reply(chime.engine, "back")
+    await dpytest.message(f"{mention(chime)} hello?", chime.general, chime.alice)
+    assert [s.content for s in chime.sent()] == ["back"]  # the late "late answer" was never posted
+    rows = {d.decision: d for d in chime.rows(m.Decision)}
+    assert set(rows) == {"timeout", "respond"} and rows["timeout"].p_respond is None
+
+
+@pytest.mark.asyncio
+async def test_a_burst_is_shed_to_the_newest_message_and_logged(chime: Chime) -> None:
+    await chime.enable()
+    gate = threading.Event()
+    handle = chime.engine.handle
+    decided: list[str] = []
+
+    started = threading.Event()
+
+    def slow(channel_id: str, msg: IncomingMessage, threshold: float | None = None):
+        started.set()
+        gate.wait(10)
+        decided.append(msg.content)
+        return handle(channel_id, msg, threshold)
+
+    chime.engine.handle = slow  # type: ignore[method-assign]
+    first = asyncio.ensure_future(dpytest.message("burst 0", chime.general, chime.bob))
+    while not started.is_set():  # the engine is busy with the first message
+        await asyncio.sleep(0.01)
+    threading.Timer(0.5, gate.set).start()
+    await asyncio.gather(first, *(dpytest.message(f"burst {i}", chime.general, chime.bob) for i in range(1, 4)))
+    assert decided == ["burst 0", "burst 3"]
+    kinds = {msg.content: d.decision for msg in chime.rows(m.Message) for d in chime.rows(m.Decision)
+             if d.message_id == msg.id}
+    assert kinds == {"burst 0": "silence", "burst 1": "skipped", "burst 2": "skipped", "burst 3": "silence"}
 
 
 # ----------------------------------------------------------------------------- edits, deletions, reactions

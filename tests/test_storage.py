@@ -86,6 +86,34 @@ def test_upgrade_blank_database_gives_the_models_schema(db_url: str) -> None:
     assert current_revision(db_url) == head_revision()
 
 
+def test_upgrading_a_database_with_rows_keeps_them(db_url: str) -> None:
+    """0003 rebuilds the decisions table on SQLite: its replies and tool calls (ON DELETE CASCADE children)
+    must survive the copy, and the undecided outcomes can be stored afterwards."""
+    upgrade(db_url, "0002")
+    log_ = ChatLog(db_url, platform="local", spool=None, migrate=False)
+    mid = log_.message(server=Ref("s"), channel=Ref("c"), author=Ref("alice"), content="what is 2+2?")
+    log_.decision(mid, decision("alice", "what is 2+2?", True, response="4",
+                                calls=[ToolCall("calculator", {"expression": "2+2"})],
+                                results=[ToolResult("calculator", True, "4")]), adapter_version="v1")
+    assert log_.flush(10)
+    log_.close()
+    upgrade(db_url)
+    assert current_revision(db_url) == head_revision()
+    assert (count(db_url, m.Decision), count(db_url, m.Reply), count(db_url, m.ToolCallRecord)) == (1, 1, 1)
+    log_ = ChatLog(db_url, platform="local", spool=None)
+    later = log_.message(server=Ref("s"), channel=Ref("c"), author=Ref("bob"), content="anyone?")
+    log_.unanswered(later, "skipped", latency_ms=3.0, threshold=0.5, adapter_version="v1")
+    with pytest.raises(ValueError, match="undecided"):
+        log_.unanswered(later, "respond", latency_ms=3.0, threshold=0.5, adapter_version="v1")
+    assert log_.flush(10)
+    log_.close()
+    engine = make_engine(db_url)
+    with session_scope(engine) as s:
+        rows = {d.decision: d.p_respond for d in s.scalars(select(m.Decision))}
+    engine.dispose()
+    assert rows == {"respond": 0.9, "skipped": None}
+
+
 def test_cli_db_upgrade_and_current(tmp_path: Path, capsys) -> None:
     from bot.cli import main
 

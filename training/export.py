@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 from model.conversation import Conversation, Message, ToolCall, write_conversations
 from model.engine import names_bot
 from model.storage import models as m
+from model.storage.log import DECIDED
 from training.labels import Event, Label, LabelRules, derive_labels
 
 PSEUDONYMS = (
@@ -195,7 +196,7 @@ def _timeline(session: Session, channel: m.Channel, bot_name: str, report: Expor
         ev = Event(
             id=r.id, kind=r.author_kind, person=r.person_id, text=r.content, at=_aware(r.created_at),
             addressed=r.addressed, names_bot=names_bot(r.content, bot_name), reply_to=r.reply_to_id,
-            decision=d.decision if d else None, reply_message=rep.message_id if rep else None,
+            decision=d.decision if d and d.decision in DECIDED else None, reply_message=rep.message_id if rep else None,
             reply_text=rep.text if rep else None, deleted=r.deleted_at is not None,
             reactions=tuple(reactions.get(r.id, ())), correction=corrections.get(r.id),
         )

@@ -21,7 +21,10 @@ What the bot does (details in `client.py`, `chat.py`, `admin.py`):
   every channel the moment it joins would surprise people. Threads follow their parent channel.
   `enabled_by_default: true` (a private server) makes every readable channel listen until `/chime disable`.
 - **Every message in an enabled channel goes to the engine** (one at a time, in a worker thread, so the
-  gateway heartbeat never waits on the model). An @mention of the bot or a reply to one of its messages is
+  gateway heartbeat never waits on the model). When messages come faster than the model decides, each
+  channel's waiting messages are taken together: the newest is decided, the older ones are read as context
+  and logged as `skipped` (`model/dispatch.py`); an engine call that takes longer than
+  `decision_timeout_s` leaves the bot silent and is logged as `timeout`. An @mention of the bot or a reply to one of its messages is
   *addressed* and always answered. Answers are Discord replies, split at 2,000 characters, and never ping
   anyone. The bot ignores itself, other bots and webhooks unless `/chime bots on`.
 - **Talkativeness** per channel: `/chime talkativeness T` answers when P(respond) ≥ T (lower is chattier);
@@ -64,6 +67,10 @@ class DiscordConfig:
     # Rate limits
     replies_per_user: int = 10  # replies to one person per window; 0: no limit
     reply_window_minutes: float = 10.0
+    # Load: messages waiting per channel while the engine is busy (past it the oldest leave the engine's
+    # context; they stay logged), and how long one engine call may take before the bot gives up on it.
+    max_pending_per_channel: int = 20
+    decision_timeout_s: float = 60.0
     # Slash commands
     sync_commands: bool = True  # publish the /chime commands to Discord at start-up
     sync_guild: int | None = None  # publish them to this one server only (instant; for development)
@@ -87,6 +94,10 @@ class DiscordConfig:
             raise ConfigError(f"replies_per_user must be >= 0 (0: no limit), got {self.replies_per_user}")
         if self.reply_window_minutes <= 0:
             raise ConfigError(f"reply_window_minutes must be positive, got {self.reply_window_minutes}")
+        if self.max_pending_per_channel < 1:
+            raise ConfigError(f"max_pending_per_channel must be >= 1, got {self.max_pending_per_channel}")
+        if self.decision_timeout_s <= 0:
+            raise ConfigError(f"decision_timeout_s must be positive, got {self.decision_timeout_s}")
 
 
 def add_arguments(sub: Any) -> None:
@@ -100,6 +111,8 @@ def add_arguments(sub: Any) -> None:
     p.add_argument("--reply-window-minutes", type=float, help="the rate limit's window (default 10)")
     p.add_argument("--enabled-by-default", action="store_true", default=None,
                    help="listen in every readable channel until /chime disable (default: only after /chime enable)")
+    p.add_argument("--decision-timeout", type=float, dest="decision_timeout_s",
+                   help="seconds one engine call may take before the bot stays silent on it (default 60)")
     p.add_argument("--backfill-limit", type=int, help="messages per channel read back after reconnecting (default 200)")
     p.add_argument("--no-sync-commands", action="store_true", help="do not publish the /chime slash commands")
     p.add_argument("--sync-guild", type=int, help="publish the slash commands to this server only (instant)")
@@ -117,6 +130,7 @@ def _bot_config(args: argparse.Namespace) -> DiscordConfig:
         "reply_window_minutes": args.reply_window_minutes,
         "enabled_by_default": args.enabled_by_default,
         "backfill_limit": args.backfill_limit,
+        "decision_timeout_s": args.decision_timeout_s,
         "sync_commands": False if args.no_sync_commands else None,
         "sync_guild": args.sync_guild,
         "shards": args.shards,

@@ -19,6 +19,7 @@ import discord
 from discord.ext import commands
 
 from bot.discord_bot import PLATFORM
+from model.dispatch import Dispatcher, Job, Outcome
 from model.engine import Decision, IncomingMessage
 from model.storage import models as m
 from model.storage.admin import last_logged_message
@@ -150,10 +151,15 @@ class ChatCog(commands.Cog):
 
     def __init__(self, bot: ChimeBot):
         self.bot = bot
-        self._turn = asyncio.Lock()  # one engine call at a time, in the order messages arrived
+        # one engine call at a time; per-channel queues that shed load when the model falls behind
+        self.dispatcher = Dispatcher(bot.engine, bot.handle_decision, max_pending=bot.config.max_pending_per_channel,
+                                     timeout_s=bot.config.decision_timeout_s)
         self._limiter = ReplyLimiter(bot.config.replies_per_user, bot.config.reply_window_minutes * 60)
         self._handled = _Recent()  # messages already decided or observed (live and backfill may overlap)
         self._posted = _Recent()  # the bot's own messages: a reply to one of them addresses the bot
+
+    async def cog_unload(self) -> None:
+        await self.dispatcher.close()
 
     # ---------------------------------------------------------------- who and where
 
@@ -227,43 +233,48 @@ class ChatCog(commands.Cog):
         addressed = self._addressed(message)
         message_id = self._log_message(message, addressed)
         who = (message.guild.id, message.author.id)
-        channel_id = str(message.channel.id)
         incoming = IncomingMessage(message.author.display_name, text, addressed=addressed,
                                    user_id=str(message.author.id))
-        threshold = self.bot.channel_prefs(message.channel).threshold
-        decision: Decision | None = None
-        adapter_version = ""
-        async with self._turn:
-            if not self._limiter.allows(who):
-                log.info("discord: %s is over %d replies per %g min; message %s is context only", message.author.id,
-                         self._limiter.limit, self._limiter.window_s / 60, message.id)
-                await asyncio.to_thread(self.bot.engine.observe, channel_id, incoming.name, text)
-            else:
-                decision, adapter_version = await self._decide(message, channel_id, incoming, threshold)
-                if decision.decision == "respond":
-                    self._limiter.record(who)
-        if decision is None:
+        limited = not self._limiter.allows(who)
+        if limited:
+            log.info("discord: %s is over %d replies per %g min; message %s is context only", message.author.id,
+                     self._limiter.limit, self._limiter.window_s / 60, message.id)
+        job = Job(str(message.channel.id), incoming, self.bot.channel_prefs(message.channel).threshold,
+                  context_only=limited, tag=message)
+        outcome = await self._decide(message, job)
+        if outcome.kind == "context":
             if addressed:
                 await self._react(message, RATE_LIMITED_EMOJI)
             return
-        posted = await self._post(message, decision) if decision.decision == "respond" else []
-        self.bot.chat_log.decision(message_id, decision, adapter_version=adapter_version,
-                                   model=self.bot.engine.model_name, bot_message_id=posted[0] if posted else None)
+        decision = outcome.decision
+        if outcome.kind != "decided" or decision is None:
+            self.bot.chat_log.unanswered(
+                message_id, outcome.kind, latency_ms=outcome.delay_ms, addressed=addressed,
+                threshold=job.threshold if job.threshold is not None else self.bot.default_threshold,
+                adapter_version=self.bot.engine.adapter_version, model=self.bot.engine.model_name)
+            return
+        posted: list[str] = []
+        if decision.decision == "respond":
+            target = outcome.answer.tag if outcome.answer is not None else message
+            self._limiter.record((message.guild.id, target.author.id))
+            posted = await self._post(target, decision)
+        self.bot.chat_log.decision(message_id, decision, adapter_version=decision.adapter_version
+                                   or self.bot.engine.adapter_version, model=self.bot.engine.model_name,
+                                   bot_message_id=posted[0] if posted else None)
 
-    async def _decide(self, message: discord.Message, channel_id: str, incoming: IncomingMessage,
-                      threshold: float | None) -> tuple[Decision, str]:
-        """The engine's decision (and reply) in a worker thread, with the typing indicator while it generates."""
-        work = asyncio.ensure_future(asyncio.to_thread(self.bot.handle, channel_id, incoming, threshold))
-        surely_answered = incoming.addressed and self.bot.engine.config.always_answer_mentions
+    async def _decide(self, message: discord.Message, job: Job) -> Outcome:
+        """The job's outcome from the dispatcher, with the typing indicator while the engine generates."""
+        work = self.dispatcher.submit(job)
+        surely_answered = job.incoming.addressed and not job.context_only and self.bot.engine.config.always_answer_mentions
         if not surely_answered:  # type only once the engine is evidently generating
             done, _ = await asyncio.wait({work}, timeout=TYPING_AFTER_S)
-            if done:
-                return work.result()
+            if done or job.context_only:
+                return await work
         try:
             async with message.channel.typing():
                 return await asyncio.shield(work)
         except discord.HTTPException as e:  # no permission to type: answer anyway
-            log.debug("discord: no typing indicator in %s: %s", channel_id, e)
+            log.debug("discord: no typing indicator in %s: %s", job.channel_id, e)
             return await work
 
     async def _post(self, message: discord.Message, decision: Decision) -> list[str]:
@@ -408,18 +419,19 @@ class ChatCog(commands.Cog):
         if len(found) >= self.bot.config.backfill_limit:
             log.warning("discord: channel %s has more than %d messages to backfill; taking the oldest", channel_id,
                         self.bot.config.backfill_limit)
-        taken = 0
-        async with self._turn:  # live messages of the channel wait until its history is in
-            for message in sorted(found, key=lambda m: m.id):
-                if message.id <= after or not self._listens(message) or not self._handled.add(message.id):
-                    continue
-                text = message_text(message, self._me, self._bot_name, readable=True)
-                if not text:
-                    continue
-                self._log_message(message, self._addressed(message))
-                await asyncio.to_thread(self.bot.engine.observe, str(channel_id), message.author.display_name, text)
-                taken += 1
-        return taken
+        taken = []
+        for message in sorted(found, key=lambda m: m.id):
+            if message.id <= after or not self._listens(message) or not self._handled.add(message.id):
+                continue
+            text = message_text(message, self._me, self._bot_name, readable=True)
+            if not text:
+                continue
+            self._log_message(message, self._addressed(message))
+            # context only, in order, through the engine's one worker (before any newer live message)
+            taken.append(self.dispatcher.submit(Job(str(channel_id), IncomingMessage(message.author.display_name, text),
+                                                    context_only=True, tag=message)))
+        await asyncio.gather(*taken)
+        return len(taken)
 
 
 def _platform_message_id(message: m.Message | None) -> int | None:

@@ -102,11 +102,10 @@ class ChimeBot(commands.Bot):
         threshold = self.engine.config.threshold
         return threshold if threshold is not None else 0.5
 
-    def handle(self, channel_id: str, incoming: IncomingMessage, threshold: float | None) -> tuple[Decision, str]:
-        """`Engine.handle` at the channel's threshold (blocking: run in a worker thread); returns the decision
-        and the adapter version that made it (`Engine.thresholds` says how a named message is treated)."""
-        d = self.engine.handle(channel_id, incoming, threshold=threshold)
-        return d, d.adapter_version or self.engine.adapter_version
+    def handle_decision(self, channel_id: str, incoming: IncomingMessage, threshold: float | None) -> Decision:
+        """`Engine.handle` at the channel's threshold (blocking: the dispatcher runs it in its worker thread;
+        `Engine.thresholds` says how a named message is treated)."""
+        return self.engine.handle(channel_id, incoming, threshold=threshold)
 
 
 class ShardedChimeBot(ChimeBot, commands.AutoShardedBot):

@@ -103,10 +103,20 @@ def upgrade(url: str | None = None, revision: str = "head") -> str:
     url = database_url(url)
     engine = make_engine(url)
     try:
-        with engine.begin() as conn:
-            cfg = alembic_config(url)
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, revision)
+        with engine.connect() as conn:
+            sqlite = conn.dialect.name == "sqlite"
+            if sqlite:  # SQLite alters a table by copying it: dropping the old one must not cascade to its children
+                conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                conn.commit()
+            with conn.begin():
+                cfg = alembic_config(url)
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, revision)
+                if sqlite and (broken := conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()):
+                    raise StorageError(f"the migration left rows with dangling references: {broken[:5]}")
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                conn.commit()
     except Exception as e:  # noqa: BLE001 - report any driver/migration error as one typed error
         raise StorageError(f"cannot migrate {safe_url(url)}: {e}") from e
     finally:

@@ -46,6 +46,8 @@ from model.storage.db import database_url, make_engine, safe_url, sessions, upgr
 log = logging.getLogger(__name__)
 
 LOCAL_PLATFORM = "local"  # the terminal simulator: its operator is the administrator, consent on by default
+DECIDED = ("respond", "silence")
+UNDECIDED = ("skipped", "dropped", "timeout", "error")  # decisions-table values for messages not decided on
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ def _apply_decision(session: Session, op: dict[str, Any]) -> None:
         return
     at = _time(op["at"])
     _insert_ignore(session, m.Decision, {
-        "id": op["id"], "message_id": op["message_id"], "decision": op["decision"], "p_respond": op["p_respond"],
+        "id": op["id"], "message_id": op["message_id"], "decision": op["decision"], "p_respond": op.get("p_respond"),
         "threshold": op["threshold"], "addressed": bool(op.get("addressed")), "adapter_version": op["adapter_version"],
         "model": op.get("model"), "latency_ms": op["latency_ms"], "created_at": at,
     })
@@ -350,6 +352,21 @@ class ChatLog:
             "op": "decision", "id": op_id, "message_id": message_id, "decision": d.decision, "p_respond": float(d.p_respond),
             "threshold": float(d.threshold), "addressed": bool(d.addressed), "adapter_version": adapter_version,
             "model": model, "latency_ms": float(d.latency_ms), "reply": reply, "tool_calls": calls, "at": _now(),
+        })
+        return op_id
+
+    def unanswered(self, message_id: str, outcome: str, *, latency_ms: float, threshold: float, addressed: bool = False,
+                   adapter_version: str, model: str | None = None) -> str:
+        """Queue a message the engine did not decide on: `skipped` (seen as context while a newer message of
+        its channel was decided), `dropped` (its channel's queue overflowed), `timeout` or `error`. It has no
+        P(respond) and no label."""
+        if outcome not in UNDECIDED:
+            raise ValueError(f"not an undecided outcome: {outcome!r} (one of {', '.join(UNDECIDED)})")
+        op_id = m.new_id()
+        self._put({
+            "op": "decision", "id": op_id, "message_id": message_id, "decision": outcome, "p_respond": None,
+            "threshold": float(threshold), "addressed": bool(addressed), "adapter_version": adapter_version,
+            "model": model, "latency_ms": float(latency_ms), "reply": None, "tool_calls": [], "at": _now(),
         })
         return op_id
 

@@ -117,8 +117,10 @@ class Decision(Base):
     __tablename__ = "decisions"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     message_id: Mapped[str] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), unique=True)
-    decision: Mapped[str] = mapped_column(String(8))  # respond | silence
-    p_respond: Mapped[float] = mapped_column(Float)
+    # respond | silence; or, with no P(respond), what the engine did not decide: skipped (seen as context
+    # when a newer message of the channel was decided instead), dropped, timeout, error
+    decision: Mapped[str] = mapped_column(String(8))
+    p_respond: Mapped[float | None] = mapped_column(Float)
     threshold: Mapped[float] = mapped_column(Float)
     addressed: Mapped[bool] = mapped_column(Boolean, default=False)
     adapter_version: Mapped[str] = mapped_column(String(200))
