@@ -68,6 +68,7 @@ class EngineConfig:
     # deployer's typed, documented function. Only listed tools can run; [] turns tool execution off.
     tools: list[str] = field(default_factory=lambda: ["calculator", "convert_units", "current_time"])
     max_tool_rounds: int = 3  # call -> results -> answer rounds per reply
+    max_tool_calls_per_turn: int = 8  # calls one bot turn may make; the rest are refused unrun
     tool_format: str = "auto"  # auto (from the chat template) | plain | hermes | llama3 | glm4
     max_prompt_tools: int = 8  # with more tools registered, list only the most relevant ones (BM25) per message
     tool_calls_per_user_per_hour: int | None = 20  # None: no limit
@@ -91,6 +92,8 @@ class EngineConfig:
             raise ConfigError(f"max_message_chars must be at least 16, got {self.max_message_chars}")
         if self.max_tool_rounds < 0:
             raise ConfigError(f"max_tool_rounds must be >= 0, got {self.max_tool_rounds}")
+        if self.max_tool_calls_per_turn < 1:
+            raise ConfigError(f"max_tool_calls_per_turn must be >= 1, got {self.max_tool_calls_per_turn}")
         if self.tool_format != "auto" and self.tool_format not in FORMATS:
             raise ConfigError(f"tool_format must be auto or one of {', '.join(FORMATS)}, got {self.tool_format!r}")
         if self.max_prompt_tools < 1:

@@ -581,13 +581,20 @@ class Engine:
                 rounds = 0
                 # The tool loop: calls -> validated, bounded execution -> results as tool turns -> answer.
                 while reply.tool_calls and self.tools is not None and rounds < self.config.max_tool_rounds:
-                    self.commit(channel_id, BotTurn(kind="response", text=reply.text, tool_calls=tuple(reply.tool_calls)))
-                    for call in reply.tool_calls:
-                        refused = self.tool_budget.take(msg.user_id or msg.name, channel_id)
-                        result = ToolResult(call.name[:64], False, f"error: {refused}") if refused else self.tools.execute(call)
+                    cap = self.config.max_tool_calls_per_turn
+                    calls, extra = reply.tool_calls[:cap], len(reply.tool_calls) - cap
+                    self.commit(channel_id, BotTurn(kind="response", text=reply.text, tool_calls=tuple(calls)))
+                    caller = msg.user_id or msg.name  # who asked: budgets and `caller` tools use it, never the text
+                    for call in calls:
+                        refused = self.tool_budget.take(caller, channel_id)
+                        result = ToolResult(call.name[:64], False, f"error: {refused}") if refused else self.tools.execute(call, caller)
                         d.tool_results.append(result)
                         log.info("channel %s: tool %s(%s) -> %s", channel_id, call.name[:64],
                                  json.dumps(call.arguments, ensure_ascii=False, default=str)[:200], result.content[:200])
+                        self.add_message(channel_id, Message(role="tool", name=result.name, content=result.content))
+                    if extra > 0:  # one result for all the calls past the cap, none of which ran
+                        result = ToolResult("tools", False, f"error: {extra} more tool calls refused: at most {cap} per turn")
+                        d.tool_results.append(result)
                         self.add_message(channel_id, Message(role="tool", name=result.name, content=result.content))
                     reply = self.generate(channel_id)
                     d.tool_calls.extend(reply.tool_calls)

@@ -4,6 +4,11 @@ A deployer adds a tool by writing a typed Python function with a docstring; `too
 derives its JSON schema from the signature (the first docstring paragraph is the description, and
 `name: text` lines under "Args:" describe the parameters). Only registered tools can ever run.
 
+A tool that acts for someone (sends a reminder, reads *their* settings) declares a parameter named
+`caller`: it is not in the schema, the model cannot set it (an argument of that name is rejected as
+unknown), and the registry fills it with the platform's id of the person whose message led to the call.
+So "Chime, set a reminder for bob" runs as the person who asked, whatever the text or the model says.
+
 Every call goes through `ToolRegistry.execute`: the tool must be registered, the arguments must fit
 the schema (lossless coercion only: "12" for an integer, 3.0 for an integer, 12 for a number; never
 "sqrt of 3342398" for a number), unknown or missing arguments are rejected, and the function runs
@@ -36,6 +41,7 @@ from typing import Any, Literal
 from model.conversation import ToolCall
 
 DEFAULT_TIMEOUT_S = 2.0
+CALLER_PARAM = "caller"  # filled by the registry with the asking person's id; never from the model
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="chime-tool")
 
 
@@ -50,6 +56,7 @@ class Tool:
     parameters: dict[str, Any]  # JSON schema of an object
     func: Callable[..., Any]
     timeout_s: float = DEFAULT_TIMEOUT_S
+    takes_caller: bool = False  # the function has a `caller` parameter (see the module docstring)
 
     def schema(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "parameters": self.parameters}
@@ -113,9 +120,13 @@ def tool_from_function(func: Callable[..., Any], name: str | None = None, timeou
     docs = _param_docs(doc)
     props: dict[str, Any] = {}
     required: list[str] = []
+    takes_caller = False
     for pname, param in inspect.signature(func).parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise TypeError(f"tool {func.__name__}: *args/**kwargs are not allowed")
+        if pname == CALLER_PARAM:
+            takes_caller = True  # the registry's to fill, not the model's: kept out of the schema
+            continue
         if pname not in hints:
             raise TypeError(f"tool {func.__name__}: parameter {pname!r} needs a type hint")
         prop = _json_type(hints[pname], f"{func.__name__}.{pname}")
@@ -126,7 +137,7 @@ def tool_from_function(func: Callable[..., Any], name: str | None = None, timeou
             required.append(pname)
     description = doc.split("\n\n", 1)[0].replace("\n", " ").strip()
     parameters = {"type": "object", "properties": props, "required": required, "additionalProperties": False}
-    return Tool(name or func.__name__, description, parameters, func, timeout_s)
+    return Tool(name or func.__name__, description, parameters, func, timeout_s, takes_caller)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -157,8 +168,8 @@ def coerce(value: Any, schema: dict[str, Any], where: str) -> Any:
     if kind == "number":
         if isinstance(value, bool):
             raise ToolError(f"{where} must be a number, got a boolean")
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            return value
+        if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
+            return value  # an int past float's range is still a JSON number (isfinite would overflow on it)
         if isinstance(value, str) and _NUM_RE.fullmatch(value.strip()):
             number = float(value.strip())
             if math.isfinite(number):
@@ -240,15 +251,20 @@ class ToolRegistry:
             raise ToolError(f"unknown tool {str(call.name)[:64]!r}; available: {', '.join(self._tools) or 'none'}")
         return tool, validate_arguments(tool, call.arguments)
 
-    def execute(self, call: ToolCall) -> ToolResult:
-        """Validate and run one call; every failure is a result with ok=False, never an exception."""
+    def execute(self, call: ToolCall, caller: str | None = None) -> ToolResult:
+        """Validate and run one call for `caller` (the asking person's platform id); every failure is a
+        result with ok=False, never an exception."""
         try:
             tool, args = self.validate(call)
+            if tool.takes_caller and not caller:
+                raise ToolError(f"{tool.name} acts for the person who asked, and who asked is not known")
         except ToolError as e:
             return ToolResult(str(call.name)[:64], False, f"error: {e}", {})
-        future = _POOL.submit(tool.func, **args)
+        run_args = {**args, CALLER_PARAM: caller} if tool.takes_caller else args
+        future = _POOL.submit(tool.func, **run_args)
         try:
             value = future.result(timeout=tool.timeout_s)
+            content = str(value)  # can fail too: an int past str's digit limit, a broken __str__
         except concurrent.futures.TimeoutError:
             future.cancel()
             return ToolResult(tool.name, False, f"error: {tool.name} timed out after {tool.timeout_s:g} s", args)
@@ -256,11 +272,12 @@ class ToolRegistry:
             return ToolResult(tool.name, False, f"error: {e}", args)
         except Exception as e:  # a deployer's tool failed: report it, keep serving
             return ToolResult(tool.name, False, f"error: {tool.name} failed: {type(e).__name__}: {str(e)[:200]}", args)
-        return ToolResult(tool.name, True, str(value), args)
+        return ToolResult(tool.name, True, content, args)
 
 
 class ToolBudget:
-    """Sliding-window limits on tool calls per person and per channel (None: no limit).
+    """Sliding-window limits on tool calls per person (across channels: asking elsewhere does not reset
+    it) and per channel (None: no limit).
 
     `take` records a call and returns None when both budgets allow it, or the reason it is refused;
     a refused call is not run and counts against nothing.
@@ -274,7 +291,7 @@ class ToolBudget:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.per_user, self.per_channel, self.window_s, self.clock = per_user, per_channel, window_s, clock
-        self._users: dict[tuple[str, str], collections.deque[float]] = {}
+        self._users: dict[str, collections.deque[float]] = {}
         self._channels: dict[str, collections.deque[float]] = {}
         self._lock = threading.Lock()
 
@@ -287,7 +304,7 @@ class ToolBudget:
     def take(self, user: str, channel: str) -> str | None:
         with self._lock:
             now = self.clock()
-            mine = self._recent(self._users, (channel, user), now)
+            mine = self._recent(self._users, user, now)  # one budget per person, whichever channel they ask in
             here = self._recent(self._channels, channel, now)
             window = f"{self.window_s / 60:g} minutes"
             if self.per_user is not None and len(mine) >= self.per_user:
