@@ -78,10 +78,9 @@ def _now() -> str:
 
 
 def _is_complete(path: Path) -> bool:
-    """A loadable PEFT adapter directory: its config and its weights are both there."""
-    return (path / "adapter_config.json").is_file() and (
-        (path / "adapter_model.safetensors").is_file() or (path / "adapter_model.bin").is_file()
-    )
+    """A loadable PEFT adapter directory: its config and its weights (safetensors; pickle-based .bin
+    files are refused, see `model.loading.attach_adapter`) are both there."""
+    return (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()
 
 
 def _fsync_file(path: Path) -> None:
@@ -259,6 +258,9 @@ class AdapterRegistry:
         if not (src / "adapter_config.json").is_file():
             raise AdapterRegistryError(f"not a PEFT adapter directory (no adapter_config.json): {src}")
         if not _is_complete(src):
+            if (src / "adapter_model.bin").is_file():
+                raise AdapterRegistryError(f"{src}: adapter_model.bin is a pickle file and is refused; save the adapter "
+                                           "with safetensors (PEFT's default: save_pretrained(..., safe_serialization=True))")
             raise AdapterRegistryError(f"adapter directory without weights (adapter_model.safetensors): {src}")
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         self.cleanup()

@@ -248,14 +248,33 @@ def release_memory() -> None:
         pass
 
 
+def _adapter_error(adapter: str, e: Exception) -> str:
+    """PEFT's reason in one line: a shape mismatch (one line per tensor) is summarised with the base model the
+    adapter names."""
+    text = str(e)
+    mismatches = [line.strip() for line in text.splitlines() if line.strip().startswith("size mismatch")]
+    if not mismatches:
+        return " ".join(text.split())[:500]
+    try:
+        base = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        base = None
+    return (f"it was trained for a model with other shapes{f' ({base})' if base else ''}: {len(mismatches)} weights "
+            f"differ, the first {mismatches[0][len('size mismatch for '):][:300]}")
+
+
 def attach_adapter(model: Any, adapter: str, merge: bool = True) -> Any:
     """Load a PEFT adapter onto `model`; merge it into the weights unless the base is quantised."""
     from peft import PeftModel
 
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise ModelLoadError(f"not a PEFT adapter directory (no adapter_config.json): {adapter}")
+    if not (Path(adapter) / "adapter_model.safetensors").is_file():
+        # PEFT would fall back to adapter_model.bin, a pickle: loading one can run code, so only safetensors load
+        raise ModelLoadError(f"adapter {adapter!r} has no adapter_model.safetensors (pickle-based .bin weights are "
+                             "refused; re-save the adapter with safetensors)")
     try:
         peft_model = PeftModel.from_pretrained(model, adapter)
     except Exception as e:
-        raise ModelLoadError(f"cannot load adapter {adapter!r} onto this model: {e}") from e
+        raise ModelLoadError(f"cannot load adapter {adapter!r} onto this model: {_adapter_error(adapter, e)}") from e
     return peft_model.merge_and_unload() if merge else peft_model

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -391,3 +392,70 @@ def test_cli(tmp_path, adapters, tiny_model_dir, capsys, monkeypatch):
     monkeypatch.setenv("CHIME_ADAPTERS_DIR", d)
     assert chime("adapters", "list", "--json") == 0
     assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+def _other_tiny_model(tiny_model_dir: Path, out: Path) -> Path:
+    """A model with the same tokenizer but other shapes: an adapter trained on it fits no layer of the tiny one."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shutil.copytree(tiny_model_dir, out)
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.hidden_size, config.intermediate_size = 32, 64
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def test_incompatible_and_unsafe_adapters_are_refused_and_the_old_one_keeps_serving(
+        tmp_path, adapters, tiny_model_dir, tiny_engine_factory, caplog):
+    """Faults an operator can cause: an adapter trained for another base model, one whose target modules this
+    model lacks, a truncated weights file, and pickle weights. Each is refused with a reason naming it, by the
+    smoke test before promotion and by a running engine after a promotion without it."""
+    from model.conversation import read_conversations
+
+    other = _lora(_other_tiny_model(tiny_model_dir, tmp_path / "other-model"), tmp_path / "other-shapes", 5, 0.5, 0.5)
+    wrong_targets = tmp_path / "wrong-targets"
+    shutil.copytree(adapters["a"], wrong_targets)
+    cfg = json.loads((wrong_targets / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["c_attn", "c_proj"]  # GPT-2's names
+    (wrong_targets / "adapter_config.json").write_text(json.dumps(cfg))
+    truncated = tmp_path / "truncated"
+    shutil.copytree(adapters["a"], truncated)
+    weights = (truncated / "adapter_model.safetensors").read_bytes()
+    (truncated / "adapter_model.safetensors").write_bytes(weights[: len(weights) // 2])
+    pickled = tmp_path / "pickled"
+    shutil.copytree(adapters["a"], pickled)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+
+    config = EngineConfig(model=str(tiny_model_dir), dtype="float32")
+    conversations = read_conversations(ROOT / "conversations/examples.jsonl")
+    reg = AdapterRegistry(tmp_path / "reg")
+    for bad, reason in [(other, "does not load.*trained for a model with other shapes.*6 weights differ"),
+                        (wrong_targets, "does not load.*Target modules .*not found in the base model"),
+                        (truncated, "unreadable weights")]:
+        with pytest.raises(AdapterRegistryError, match=reason):
+            reg.add(bad, name=bad.name, validate=lambda p: smoke_validate(p, config, conversations, limit=1))
+    with pytest.raises(AdapterRegistryError, match="pickle file and is refused"):
+        reg.add(pickled, name="pickled")
+    assert reg.versions() == [] and _no_incoming(reg)
+
+    # promoted without the smoke test: the running engine refuses each and keeps the old adapter
+    reg.add(adapters["a"], name="a")
+    reg.promote("a")
+    for bad in (other, wrong_targets, truncated):
+        reg.add(bad, name=bad.name)
+    engine = tiny_engine_factory(adapter=str(reg.current().path))
+    watcher = AdapterWatcher(engine, reg)
+    for bad in (other, wrong_targets, truncated):
+        reg.promote(bad.name)
+        with caplog.at_level(logging.ERROR, logger="model.adapter_registry"):
+            assert not watcher.check()
+        assert f"cannot load version {bad.name}" in caplog.text and engine.adapter_version == "a"
+    fresh = tiny_engine_factory(adapter=str(reg.versions_dir / "a"))  # still serving exactly "a"
+    assert _decide_all(engine, "d", CHAT[:2]) == pytest.approx(_decide_all(fresh, "d", CHAT[:2]), abs=1e-6)
+    with pytest.raises(ModelLoadError, match="pickle-based .bin weights are refused"):
+        engine.reload_adapter(str(pickled))
+    assert engine.adapter_version == "a"

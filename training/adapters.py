@@ -34,7 +34,7 @@ from model.errors import ChimeError
 
 log = logging.getLogger(__name__)
 
-SMOKE_CONVERSATIONS = "conversations/dev/batch_A.jsonl"
+SMOKE_CONVERSATIONS = Path(__file__).resolve().parent.parent / "conversations" / "dev" / "batch_A.jsonl"
 
 
 # ---------------------------------------------------------------------------- validation
@@ -114,10 +114,10 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _smoke_validator(model: str | None) -> Callable[[Path], Any] | None:
-    if not Path(SMOKE_CONVERSATIONS).is_file():
-        log.warning("%s not found: adding without the smoke test", SMOKE_CONVERSATIONS)
-        return None
+def _smoke_validator(model: str | None) -> Callable[[Path], Any]:
+    if not SMOKE_CONVERSATIONS.is_file():  # never skip the check silently
+        raise AdapterRegistryError(f"the smoke test's conversations are missing ({SMOKE_CONVERSATIONS}); "
+                                   "restore them, or add with --no-validate to skip the smoke test")
     from model.conversation import read_conversations
 
     conversations = read_conversations(SMOKE_CONVERSATIONS)[:3]
