@@ -713,7 +713,10 @@ def create_app(engine: "Engine", api_key: str | None = None, default_mode: Mode 
         yield
         worker.close()
 
-    app = FastAPI(title="Chime", summary="OpenAI-compatible chat completions with learned silence", lifespan=lifespan)
+    # With a key, nothing answers without it: FastAPI's own schema and docs pages are off too.
+    pages: dict[str, Any] = {"openapi_url": None, "docs_url": None, "redoc_url": None} if api_key else {}
+    app = FastAPI(title="Chime", summary="OpenAI-compatible chat completions with learned silence", lifespan=lifespan,
+                  **pages)
     app.state.engine = engine
     app.state.worker = worker
 

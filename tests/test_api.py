@@ -281,6 +281,10 @@ def test_api_key_is_required_when_set(engine: Engine) -> None:
             bad.models.list()
         status, answer = _post(url, json.dumps({"messages": CHAT}).encode())  # no Authorization header
         assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+        for page in ("/docs", "/redoc", "/openapi.json"):  # nothing answers without the key
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(url.removesuffix("/v1") + page, timeout=20)
+            assert err.value.code in (401, 404)
 
 
 def test_text_stream_decodes_multibyte_pieces(engine: Engine) -> None:

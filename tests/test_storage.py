@@ -195,6 +195,39 @@ def test_platform_deletion_removes_a_persons_message_and_marks_the_bots(db_url: 
     engine.dispose()
 
 
+def test_answers_follow_the_message_they_answer(db_url: str, tmp_path: Path) -> None:
+    """The bot's answer, in every piece it was posted in, lives and dies with the person's message: not kept
+    for an opted-out person, and all pieces deleted with the message (as Discord logs them: replies by id)."""
+    log = ChatLog(db_url, platform="discord", spool=tmp_path / "spool.jsonl")
+    channel = Ref("c1", "c1")
+
+    def ask(name: str, pid: str, pieces: int) -> str:
+        mid = log.message(server=GUILD, channel=channel, author=Ref(name.lower(), name), content="@Chime tell me a story",
+                          platform_message_id=pid, addressed=True, bot_name="Chime")
+        posted = [log.message(server=GUILD, channel=channel, author=None, content=f"part {i}", bot_name="Chime",
+                              platform_message_id=f"{pid}-r{i}", reply_to_platform_id=pid) for i in range(pieces)]
+        log.decision(mid, decision(name, "story", True, response="part 0"), adapter_version="v1", bot_message_id=posted[0])
+        return mid
+
+    ask("Alice", "100", 3)
+    assert log.flush()
+    engine = make_engine(db_url)
+    with session_scope(engine) as s:
+        set_opt_out(s, find_person(s, "Alice"))
+    ask("Alice", "200", 2)  # opted out: neither her message nor the answers to it are stored
+    ask("Bob", "300", 1)
+    assert log.flush()
+    with session_scope(engine) as s:
+        bots = s.scalars(select(m.Message.content).where(m.Message.author_kind == "bot")).all()
+    assert sorted(bots) == ["part 0", "part 0", "part 1", "part 2"]
+    log.delete("c1", "100")  # Alice deletes her first question: all three pieces of the answer go with it
+    assert log.close()
+    with session_scope(engine) as s:
+        assert s.scalars(select(m.Message.platform_message_id).order_by(m.Message.platform_message_id)).all() == [
+            "300", "300-r0"]
+    engine.dispose()
+
+
 def test_forget_deletes_a_person_and_what_derives_from_them(db_url: str, tmp_path: Path) -> None:
     log = ChatLog(db_url, platform="discord", spool=tmp_path / "spool.jsonl")
     a1, r1 = chat(log, "Alice", "Chime, my address is 12 Elm St", True, reply="noted, Alice")

@@ -1,7 +1,7 @@
 """Consent, opt-out, forgetting, retention and corrections: the administrator's side of the database.
 
 Every function takes an open session (the caller commits). The CLI (`chime consent|opt-out|forget|
-label|decisions|db purge`) and the Discord bot's slash commands (`bot/discord_bot.py`) call these; the bot's
+label|decisions|db purge`) and the Discord bot's slash commands (`bot/discord_bot/admin.py`) call these; the bot's
 per-server and per-channel settings live here too.
 """
 

@@ -165,6 +165,8 @@ def _apply_message(session: Session, op: dict[str, Any]) -> None:
     if op.get("reply_to_platform_id"):
         target = _find_message(session, channel.id, op["reply_to_platform_id"])
         reply_to = target.id if target is not None else None
+        if person is None and target is None:
+            return  # the bot's answer to a message that is not stored (opted out, deleted, forgotten): not kept either
     _insert_ignore(session, m.Message, {
         "id": op["id"], "channel_id": channel.id, "person_id": person.id if person else None,
         "author_kind": "human" if person else "bot", "platform_message_id": op.get("platform_message_id"),
@@ -212,10 +214,13 @@ def delete_message_row(session: Session, msg: m.Message, at: datetime) -> None:
     if msg.author_kind == "bot":
         msg.deleted_at = at
         return
-    # the bot's reply to it is derived from it: remove the posted reply too
-    replies = session.scalars(
+    # the bot's answer to it is derived from it: remove every posted piece of it (a long answer is several
+    # messages, each a reply to this one), whether or not a decision links it
+    replies = set(session.scalars(
         select(m.Reply.message_id).join(m.Decision, m.Reply.decision_id == m.Decision.id).where(m.Decision.message_id == msg.id)
-    ).all()
+    ).all())
+    replies |= set(session.scalars(
+        select(m.Message.id).where(m.Message.reply_to_id == msg.id, m.Message.author_kind == "bot")).all())
     for bot_msg in [r for r in replies if r]:
         row = session.get(m.Message, bot_msg)
         if row is not None:

@@ -6,7 +6,7 @@ writer, so a buffered batch can be retried after an outage without duplicating a
 
 Consent lives on `servers.training_consent` (off until an administrator turns it on; on for the local
 simulator) and `people.opted_out`; `servers.log_opted_out` says whether opted-out people's messages may
-still be kept for moderation (never exported). See docs/privacy.md.
+still be kept for moderation (never exported). See docs/memory.md and SECURITY.md.
 """
 
 from __future__ import annotations
