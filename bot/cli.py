@@ -53,6 +53,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="sampling seed")
     g.add_argument("--full-reencode", action="store_true", help="disable the incremental cache (the naive way)")
     g.add_argument("--no-mention-override", action="store_true", help="@mentions do not force a reply")
+    g.add_argument("--free-tool-calls", action="store_true",
+                   help="do not constrain tool calls to the tools' JSON schemas (model/constrained.py)")
     g.add_argument("--backend", choices=["local", "openai"], help="local model, or a remote OpenAI-compatible "
                    "completions server (vLLM) for decisions and replies")
     g.add_argument("--base-url", help="the remote server (--backend openai), e.g. http://gpu1:8000/v1")
@@ -80,6 +82,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         "seed": args.seed,
         "incremental": False if args.full_reencode else None,
         "always_answer_mentions": False if args.no_mention_override else None,
+        "constrained_tool_calls": False if args.free_tool_calls else None,
     }
     config = load_config(EngineConfig, args.config, overrides)
     if args.no_adapter:

@@ -30,7 +30,9 @@ Untrusted text is neutralised before rendering, so a human cannot forge a bot tu
 special tokens are broken apart, the markers "(silence)"/"(response)" and tool-call tags written by a
 human become bracketed look-alikes, invisible format characters (zero-width, bidirectional controls,
 Unicode tags) are removed, names lose colons and line breaks, and long messages are truncated with a
-marker.
+marker. The bot's own text and tool-call arguments get their template tokens broken apart too: a model
+can spell "<|im_end|>" out of ordinary tokens (repeating what someone wrote, say), and rendered as text
+that would become the real token, ending the bot's turn early and forging the turns after it.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ import json
 import logging
 import re
 import unicodedata
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from model.conversation import Conversation, Message, ToolCall
@@ -80,7 +82,7 @@ INSTRUCTED_PROMPT = (
 )
 
 _MARKER_RE = re.compile(r"\(\s*(silence|response)\s*\)", re.IGNORECASE)
-_TOOL_TAG_RE = re.compile(r"<(/?)\s*(tool_call|tool_response|tool_result|tools)\s*>", re.IGNORECASE)
+_TOOL_TAG_RE = re.compile(r"<\s*(/?)\s*(tool_call|tool_response|tool_result|tools)\s*>", re.IGNORECASE)
 _TEMPLATE_TOKEN_RE = re.compile(r"<\|([^|<>\n]{0,40})\|>")
 
 
@@ -313,9 +315,9 @@ class ChatFormat:
         if len(text) > self.max_message_chars:
             cut = len(text) - self.max_message_chars
             text = text[: self.max_message_chars] + f" … [{cut} more characters cut]"
-        text = self._break_special(text)
         text = _MARKER_RE.sub(lambda m: f"[{m.group(1).lower()}]", text)
         text = _TOOL_TAG_RE.sub(lambda m: f"[{m.group(1)}{m.group(2).lower()}]", text)
+        text = self._break_special(text)  # last: a replaced tag can join "<|" and "|>" around it
         text = text.strip()
         return text if text else "[empty message]"
 
@@ -324,14 +326,22 @@ class ChatFormat:
         name = strip_invisible(name or "")
         name = " ".join(name.split())  # newlines and tabs become single spaces
         name = name.replace(":", "\ua789")  # modifier letter colon: looks alike, never splits
-        name = self._break_special(name)
         name = _MARKER_RE.sub(lambda m: f"[{m.group(1).lower()}]", name)
         name = _TOOL_TAG_RE.sub(lambda m: f"[{m.group(1)}{m.group(2).lower()}]", name)
+        name = self._break_special(name)  # last, as in clean_text
         name = name[:MAX_NAME_CHARS].strip()
         return name or "someone"
 
     def clean_bot_name(self, name: str) -> str:
         return self.clean_name(name)
+
+    def _own_turn(self, turn: BotTurn) -> BotTurn:
+        """The bot's turn as rendered: template tokens in its text and tool calls broken apart (module docstring)."""
+        if not turn.text and not turn.tool_calls:
+            return turn
+        calls = tuple(ToolCall(self._break_special(c.name), _map_strings(c.arguments, self._break_special))
+                      for c in turn.tool_calls)
+        return replace(turn, text=self._break_special(turn.text), tool_calls=calls)
 
     # ------------------------------------------------------------------ turns as text
 
@@ -392,7 +402,7 @@ class ChatFormat:
         return f"{self._user_pre}[tool result] {tool}: {result}{self._user_post}"
 
     def bot_segment(self, turn: BotTurn) -> str:
-        return self._gen_prompt + self._bot_pre_body + turn.body(self.tool_format) + self._bot_post
+        return self._gen_prompt + self._bot_pre_body + self._own_turn(turn).body(self.tool_format) + self._bot_post
 
     # ------------------------------------------------------------------ turns as ids
 
@@ -418,7 +428,7 @@ class ChatFormat:
 
     def bot_turn_ids(self, turn: BotTurn) -> BotTurnIds:
         marker = self._silence_ids if turn.kind == "silence" else self._response_ids
-        rest = turn.rest_text(self.tool_format)
+        rest = self._own_turn(turn).rest_text(self.tool_format)
         body = list(marker) + (self.encode(rest) if rest else [])
         return BotTurnIds(list(self._gen_prompt_ids), body, list(self._end_ids), list(self._trailer_ids))
 
@@ -462,7 +472,7 @@ class ChatFormat:
             elif msg.role == "tool":
                 out.append({"role": "tool", "name": msg.name, "content": f"{self.clean_name(msg.name or 'tool')}: {self.clean_text(msg.content)}"})
             else:
-                out.append({"role": "assistant", "content": BotTurn.from_message(msg).body(self.tool_format)})
+                out.append({"role": "assistant", "content": self._own_turn(BotTurn.from_message(msg)).body(self.tool_format)})
             if implicit is not None:
                 out.append({"role": "assistant", "content": implicit.body()})
         return out
@@ -490,6 +500,17 @@ class ChatFormat:
         out.extend(ids.body + ids.end, True)
         out.turns.append(TurnSpan(start, len(out.input_ids), turn.kind, after, decision))
         out.extend(ids.trailer, False)
+
+
+def _map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    """`value` (parsed JSON) with `change` applied to every string in it, keys included."""
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, dict):
+        return {change(k) if isinstance(k, str) else k: _map_strings(v, change) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_strings(v, change) for v in value]
+    return value
 
 
 def show_loss_mask(fmt: ChatFormat, rendered: RenderedConversation) -> str:

@@ -69,6 +69,7 @@ class EngineConfig:
     tools: list[str] = field(default_factory=lambda: ["calculator", "convert_units", "current_time"])
     max_tool_rounds: int = 3  # call -> results -> answer rounds per reply
     max_tool_calls_per_turn: int = 8  # calls one bot turn may make; the rest are refused unrun
+    constrained_tool_calls: bool = True  # after "<tool_call>", only JSON fitting a tool's schema (model/constrained.py)
     tool_format: str = "auto"  # auto (from the chat template) | plain | hermes | llama3 | glm4
     max_prompt_tools: int = 8  # with more tools registered, list only the most relevant ones (BM25) per message
     tool_calls_per_user_per_hour: int | None = 20  # None: no limit

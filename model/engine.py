@@ -44,10 +44,12 @@ import torch
 from model.adapter_registry import adapter_version
 from model.chat_format import BotTurn, ChatFormat
 from model.config import EngineConfig
+from model.constrained import CallDecoder, CallGrammar
 from model.conversation import Message, ToolCall
 from model.errors import ConfigError, ModelLoadError
 from model.loading import load_model, release_memory, resolve_threshold
 from model.runner import Runner, build_runner
+from model.tool_format import TOOL_CALL_OPEN
 from model.tool_retrieval import RETRIEVAL_MESSAGES, ToolRetriever
 from model.tools import ToolBudget, ToolRegistry, ToolResult, registry_from_names
 
@@ -221,6 +223,7 @@ class Engine:
         self.adapter = config.adapter
         self.adapter_version = adapter_version(config.adapter)  # which adapter decided, for logs
         self._reload_lock = threading.Lock()  # one adapter load at a time
+        self._call_grammar: CallGrammar | None = None  # built on the first constrained call (same tokenizer after swaps)
         self._channels: dict[str, Channel] = {}
         self._lock = threading.RLock()
         self._generator = torch.Generator()
@@ -533,18 +536,35 @@ class Engine:
             out, _ = self._forward(ch, header)
             generated: list[int] = []
             stream = _TextStream(self.fmt.decode, on_text) if on_text is not None else None
+            calls = self._call_decoder(ch)
+            inside: list[int] | None = None  # ids since an opened tool call's tag, while constrained
             while len(generated) < limit:
                 logits = self.runner.next_logits(out).clone()
-                if len(generated) < min_new_tokens:
+                forced: list[int] = []
+                if inside is not None and calls is not None:
+                    allowed = calls.allowed(inside)
+                    if allowed is None:  # the call's JSON is complete: close it, decode freely again
+                        forced, inside = calls.close_ids[: limit - len(generated)], None
+                    else:
+                        masked = torch.full_like(logits, -float("inf"))
+                        masked[allowed] = logits[allowed]
+                        logits = masked
+                elif len(generated) < min_new_tokens:
                     logits[list(self.fmt.stop_ids)] = -float("inf")
-                token = self._sample(logits)
-                if token in self.fmt.stop_ids:
-                    break
-                generated.append(token)
+                if not forced:
+                    token = self._sample(logits)
+                    if token in self.fmt.stop_ids:
+                        break
+                    forced = [token]
+                    if inside is not None:
+                        inside.append(token)
+                generated.extend(forced)
                 if stream is not None:
                     stream.push(generated)
-                out = self.runner.extend(ch.state, [token])
-                ch.cache_ids.append(token)
+                out = self.runner.extend(ch.state, forced)
+                ch.cache_ids.extend(forced)
+                if calls is not None and inside is None and self.fmt.decode(generated[-8:]).endswith(TOOL_CALL_OPEN):
+                    inside = []
             if stream is not None:
                 stream.flush(generated)
             parsed = self.fmt.parse_reply(self.fmt.decode(generated))
@@ -555,6 +575,15 @@ class Engine:
                 n_tokens=len(generated),
                 ms=(time.perf_counter() - start) * 1000,
             )
+
+    def _call_decoder(self, ch: Channel) -> CallDecoder | None:
+        """Schema-constrained tool calls for this channel's tools (`model/constrained.py`), when on. Not for a
+        remote backend: it returns only the top 20 log-probabilities, which may hold no allowed token."""
+        if not (self.config.constrained_tool_calls and ch.tools) or self.config.backend != "local":
+            return None
+        if self._call_grammar is None:
+            self._call_grammar = CallGrammar(self.fmt.tokenizer, self.fmt.stop_ids)
+        return self._call_grammar.decoder(ch.tools, self.fmt.tool_format)
 
     def _sample(self, logits: torch.Tensor) -> int:
         if self.config.temperature <= 0:

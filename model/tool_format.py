@@ -35,6 +35,7 @@ TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 _TOOL_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
 MAX_CALLS_PER_TURN = 16
+_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 # JSON-schema type names as benchmarks and other projects spell them, mapped to JSON Schema's.
 _TYPE_ALIASES = {"dict": "object", "float": "number", "tuple": "array", "int": "integer", "str": "string",
@@ -67,6 +68,14 @@ def normalize_schema(schema: Any) -> Any:
     return out
 
 
+def _dumps(value: Any) -> str:
+    """JSON as a call is written: non-ASCII text kept, but escaped where it would break the turn. Lone surrogates
+    (a parsed "\\ud83d" can leave one in the arguments) no tokenizer encodes, and a closing tag inside a string
+    would end the call early; their escapes read back as the same strings."""
+    text = _LONE_SURROGATE_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(value, ensure_ascii=False))
+    return text.replace(TOOL_CALL_CLOSE, "<\\/" + TOOL_CALL_CLOSE[2:])
+
+
 @dataclass(frozen=True)
 class ParsedReply:
     text: str
@@ -80,8 +89,8 @@ def _call_from_obj(obj: Any, args_key: str = "arguments") -> tuple[ToolCall | No
     args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
     if isinstance(args, str):
         try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError:
+            args = json.loads(args, strict=False) if args.strip() else {}
+        except (ValueError, RecursionError):  # also numbers past int's digit limit, nesting past the recursion limit
             return None, f"tool call arguments are not valid JSON ({obj['name'][:64]!r})"
     if not isinstance(args, dict):
         return None, f"tool call arguments must be an object ({obj['name'][:64]!r})"
@@ -133,7 +142,7 @@ class ToolFormat:
 
     def render_calls(self, calls: Sequence[ToolCall]) -> str:
         return " ".join(
-            f"{TOOL_CALL_OPEN}{json.dumps({'name': c.name, 'arguments': c.arguments}, ensure_ascii=False)}{TOOL_CALL_CLOSE}"
+            f"{TOOL_CALL_OPEN}{_dumps({'name': c.name, 'arguments': c.arguments})}{TOOL_CALL_CLOSE}"
             for c in calls
         )
 
@@ -146,9 +155,12 @@ def _parse_tagged(generated: str) -> ParsedReply:
     errors: list[str] = []
     for raw in _TOOL_CALL_RE.findall(generated):
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw, strict=False)
         except json.JSONDecodeError as e:
             errors.append(f"tool call is not valid JSON: {e.msg}")
+            continue
+        except (ValueError, RecursionError):  # a number past int's digit limit, nesting past the recursion limit
+            errors.append("tool call is too large or too deeply nested to read")
             continue
         call, err = _call_from_obj(obj)
         if err:
@@ -186,14 +198,14 @@ class HermesFormat(ToolFormat):
 
     def render_calls(self, calls: Sequence[ToolCall]) -> str:
         return "\n".join(
-            f"{TOOL_CALL_OPEN}\n{json.dumps({'name': c.name, 'arguments': c.arguments}, ensure_ascii=False)}\n{TOOL_CALL_CLOSE}"
+            f"{TOOL_CALL_OPEN}\n{_dumps({'name': c.name, 'arguments': c.arguments})}\n{TOOL_CALL_CLOSE}"
             for c in calls
         )
 
 
 def _scan_json_objects(text: str) -> tuple[list[tuple[int, int, Any]], str]:
     """Every top-level JSON object in `text` as (start, end, value), and the text outside them."""
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(strict=False)
     found: list[tuple[int, int, Any]] = []
     rest: list[str] = []
     i = last = 0
@@ -203,7 +215,7 @@ def _scan_json_objects(text: str) -> tuple[list[tuple[int, int, Any]], str]:
             break
         try:
             value, end = decoder.raw_decode(text, j)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # also numbers past int's digit limit, nesting past the recursion limit
             i = j + 1
             continue
         found.append((j, end, value))
@@ -228,7 +240,7 @@ class Llama3Format(ToolFormat):
         )
 
     def render_calls(self, calls: Sequence[ToolCall]) -> str:
-        return "; ".join(json.dumps({"name": c.name, "parameters": c.arguments}, ensure_ascii=False) for c in calls)
+        return "; ".join(_dumps({"name": c.name, "parameters": c.arguments}) for c in calls)
 
     def parse(self, generated: str) -> ParsedReply:
         text = generated.replace("<|python_tag|>", "")
@@ -266,12 +278,12 @@ class Glm4Format(ToolFormat):
 
     def render_calls(self, calls: Sequence[ToolCall]) -> str:
         # each call starts on its own line, also after reply text
-        return "".join(f"\n{c.name}\n{json.dumps(c.arguments, ensure_ascii=False)}" for c in calls)
+        return "".join(f"\n{c.name}\n{_dumps(c.arguments)}" for c in calls)
 
     def parse(self, generated: str) -> ParsedReply:
         calls: list[ToolCall] = []
         errors: list[str] = []
-        decoder = json.JSONDecoder()
+        decoder = json.JSONDecoder(strict=False)
         pieces: list[str] = []
         pos = 0
         for m in self._CALL_RE.finditer(generated):
@@ -279,7 +291,7 @@ class Glm4Format(ToolFormat):
                 continue
             try:
                 args, end = decoder.raw_decode(generated, m.end())
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # also numbers past int's digit limit, nesting past the recursion limit
                 errors.append(f"tool call arguments are not valid JSON ({m.group(1)!r})")
                 continue
             if not isinstance(args, dict):

@@ -7,6 +7,7 @@ or make it slow or fail, which is how a real model falls behind or a remote back
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -193,9 +194,9 @@ def test_bench_load_accounts_for_every_message(tiny_engine_factory, tmp_path) ->
 
     engine = tiny_engine_factory(threshold=0.3, max_new_tokens=3, tools=[])
     convs = tmp_path / "convs.jsonl"
-    convs.write_text("\n".join(
-        '{"id": "c%d", "messages": [{"role": "user", "name": "alice", "content": "hi %d"}, '
-        '{"role": "user", "name": "bob", "content": "yo"}]}' % (i, i) for i in range(6)) + "\n")
+    convs.write_text("".join(json.dumps({"id": f"c{i}", "messages": [
+        {"role": "user", "name": "alice", "content": f"hi {i}"}, {"role": "user", "name": "bob", "content": "yo"}]}) + "\n"
+        for i in range(6)))
     result = bench_load(engine, f"sqlite:///{tmp_path / 'load.db'}", [convs], rate=80, seconds=1.0, channels=4,
                         max_pending=3)
     assert result["messages"] == 80 and result["written"]
