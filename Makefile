@@ -1,4 +1,5 @@
-# Chime: `make run` (simulator on the default model), `make test` (whole suite), `make setup` (.venv only).
+# Chime: `make run` (simulator on the default model), `make test` (whole suite), `make setup` (.venv only),
+# `make fuzz` (only the hypothesis properties of tests/test_fuzz.py, 10,000 examples each).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 
 BFCL_VENV := .venv-bfcl
 
-.PHONY: setup bfcl-setup compose-check run test lint bench clean
+.PHONY: setup bfcl-setup compose-check run test fuzz lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -45,8 +46,12 @@ compose-check:
 		apt-get install -y -q docker-compose >/dev/null) || echo "docker-compose unavailable: the compose test will skip"
 	@if command -v docker-compose >/dev/null; then DISCORD_TOKEN=x POSTGRES_PASSWORD=x docker-compose config -q && echo "docker-compose.yml is valid"; fi
 
+# CI (.ci/run) runs this: the fuzz properties at their slow profile (tests/conftest.py), about 2.5 minutes.
 test: setup bfcl-setup compose-check
-	$(PY) -m pytest -q
+	CHIME_FUZZ_PROFILE=fuzz-slow $(PY) -m pytest -q
+
+fuzz: setup
+	CHIME_FUZZ_PROFILE=fuzz-slow $(PY) -m pytest -q -m fuzz tests/test_fuzz.py
 
 lint: setup
 	$(VENV)/bin/ruff check bot model training tests

@@ -13,12 +13,16 @@ of a conversation carries `"expect"`, only those messages are scored.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from model.errors import ConversationFormatError
+
+# Undecodable bytes read with errors="surrogateescape"; valid UTF-8 never decodes to these.
+_UNDECODABLE_RE = re.compile("[\udc80-\udcff]")
 
 Role = Literal["user", "assistant", "tool"]
 Expect = Literal["silence", "respond"]
@@ -131,7 +135,10 @@ def message_from_dict(raw: Any, where: str = "message") -> Message:
         raise ConversationFormatError(f"{where}: name must be a string")
     if role == "user" and name is None:
         raise ConversationFormatError(f"{where}: a human message needs a 'name'")
-    calls = [_tool_call(c, f"{where}.tool_calls[{i}]") for i, c in enumerate(raw.get("tool_calls") or [])]
+    calls_raw = raw.get("tool_calls") or []
+    if not isinstance(calls_raw, list):
+        raise ConversationFormatError(f"{where}: tool_calls must be a list")
+    calls = [_tool_call(c, f"{where}.tool_calls[{i}]") for i, c in enumerate(calls_raw)]
     if calls and role != "assistant":
         raise ConversationFormatError(f"{where}: only assistant messages can carry tool_calls")
     expect = raw.get("expect")
@@ -155,7 +162,10 @@ def conversation_from_json(raw: Any, where: str = "conversation", default_bot_na
         bot_name = default_bot_name
     if bot_name is not None and (not isinstance(bot_name, str) or not bot_name.strip()):
         raise ConversationFormatError(f"{where}: bot_name must be a non-empty string")
-    tools = [_tool_schema(t, f"{where}: tools[{i}]") for i, t in enumerate(raw.get("tools") or [])]
+    tools_raw = raw.get("tools") or []
+    if not isinstance(tools_raw, list):
+        raise ConversationFormatError(f"{where}: 'tools' must be a list of tool schemas")
+    tools = [_tool_schema(t, f"{where}: tools[{i}]") for i, t in enumerate(tools_raw)]
     cid = raw.get("id")
     return Conversation(messages=messages, bot_name=bot_name, tools=tools, id=None if cid is None else str(cid))
 
@@ -165,19 +175,25 @@ def iter_conversations(path: str | Path, default_bot_name: str | None = None) ->
     path = Path(path)
     if not path.is_file():
         raise ConversationFormatError(f"conversation file not found: {path}")
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:  # bad bytes: an error naming the line
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
+            _check_decoded(line, where)
             try:
                 raw = json.loads(line)
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:  # also numbers past int's digit limit, nesting past the recursion limit
                 raise ConversationFormatError(f"{where}: not valid JSON: {e}") from e
             conv = conversation_from_json(raw, where, default_bot_name)
             if conv.id is None:
                 conv.id = f"{path.stem}:{lineno}"
             yield conv
+
+
+def _check_decoded(line: str, where: str) -> None:
+    if _UNDECODABLE_RE.search(line):
+        raise ConversationFormatError(f"{where}: not UTF-8 text")
 
 
 def read_conversations(path: str | Path, default_bot_name: str | None = None) -> list[Conversation]:
@@ -189,7 +205,9 @@ def write_conversations(path: str | Path, conversations: Iterable[Conversation])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    with path.open("w", encoding="utf-8") as f:
+    # A lone surrogate (read from a "\ud83d" escape) cannot be UTF-8; inside a JSON string, which is the only
+    # place one can be, backslashreplace writes the same escape back.
+    with path.open("w", encoding="utf-8", errors="backslashreplace") as f:
         for conv in conversations:
             f.write(json.dumps(conv.to_dict(), ensure_ascii=False) + "\n")
             n += 1
@@ -234,7 +252,8 @@ def read_transcript(path: str | Path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise ConversationFormatError(f"transcript not found: {path}")
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="surrogateescape").splitlines(), 1):
+        _check_decoded(line, f"{path}:{lineno}")
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         out.append(parse_transcript_line(line, f"{path}:{lineno}"))

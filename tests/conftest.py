@@ -5,6 +5,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -13,6 +14,19 @@ os.environ["CHIME_HOME"] = tempfile.mkdtemp(prefix="chime-test-home-")
 os.environ.pop("DATABASE_URL", None)
 
 from tests.tiny import build_tiny_model  # noqa: E402
+
+# Profiles for tests/test_fuzz.py only (chosen there by CHIME_FUZZ_PROFILE; never loaded globally, so the
+# other hypothesis tests keep their own settings). "fuzz" is quick for a developer's run; CI's `make test`
+# and `make fuzz` use "fuzz-slow": 10,000 examples per property, no deadline on a busy 2-core runner, and
+# the blob that replays a failure with @reproduce_failure.
+settings.register_profile("fuzz", max_examples=200, deadline=None)
+settings.register_profile(
+    "fuzz-slow",
+    max_examples=10_000,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+)
 
 
 @pytest.fixture(scope="session")

@@ -434,14 +434,18 @@ def recipe_conversation(raw: Any, default_id: str, bot_name: str) -> Conversatio
 def import_recipe(src: Path, bot_name: str = "Chime") -> tuple[list[Conversation], Report]:
     if not src.is_file():
         raise ChimeError(f"recipe file not found: {src}")
+    try:
+        text = src.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ChimeError(f"{src}: not UTF-8 text: {e}") from e
     report = Report("recipe", {"duplicates": 0, "unparsable": 0})
     convs: list[Conversation] = []
-    for lineno, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             convs.append(recipe_conversation(json.loads(line), f"recipe-{lineno:05d}", bot_name))
-        except (ValueError, TypeError, AttributeError, ChimeError) as e:  # bad JSON or a malformed message
+        except (ValueError, TypeError, AttributeError, RecursionError, ChimeError) as e:  # bad JSON or a malformed message
             report.add("unparsable")
             report.problems.append(f"line {lineno}: {type(e).__name__}: {e}")
     convs, dropped = dedupe(convs)
