@@ -55,6 +55,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-mention-override", action="store_true", help="@mentions do not force a reply")
     g.add_argument("--free-tool-calls", action="store_true",
                    help="do not constrain tool calls to the tools' JSON schemas (model/constrained.py)")
+    g.add_argument("--tool-call-threshold", type=float,
+                   help="open a tool call when P(call) >= this (default: the adapter's calibrated call gate)")
+    g.add_argument("--no-tool-gate", action="store_true",
+                   help="no call gate: the model itself chooses between a tool call and words")
     g.add_argument("--backend", choices=["local", "openai"], help="local model, or a remote OpenAI-compatible "
                    "completions server (vLLM) for decisions and replies")
     g.add_argument("--base-url", help="the remote server (--backend openai), e.g. http://gpu1:8000/v1")
@@ -83,6 +87,8 @@ def _engine_config(args: argparse.Namespace) -> Any:
         "incremental": False if args.full_reencode else None,
         "always_answer_mentions": False if args.no_mention_override else None,
         "constrained_tool_calls": False if args.free_tool_calls else None,
+        "tool_call_threshold": args.tool_call_threshold,
+        "tool_call_gate": False if args.no_tool_gate else None,
     }
     config = load_config(EngineConfig, args.config, overrides)
     if args.no_adapter:
@@ -461,7 +467,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from training.train import recalibrate
 
         ev = recalibrate(recipe)["evaluation"]
-        print(json.dumps({k: ev[k] for k in ("threshold", "named_threshold", "limits_met", "calibrated", "cross_validated_2fold")}))
+        print(json.dumps({k: ev[k] for k in ("threshold", "named_threshold", "limits_met", "calibrated", "cross_validated_2fold", "tool_call_threshold", "tool_call_gate")}))
         return 0
     result = train(recipe, resume=args.resume, progress=not args.quiet)
     card = result.card
@@ -496,14 +502,16 @@ def cmd_bfcl(args: argparse.Namespace) -> int:
     summary, details = run_bfcl(
         engine, categories, args.limit, python, args.max_prompt_tools, None if args.quiet else progress_to_stderr
     )
-    summary.update(adapter=engine.adapter, model=engine.model_name, tool_format=engine.fmt.tool_format.name)
+    summary.update(adapter=engine.adapter, model=engine.model_name, tool_format=engine.fmt.tool_format.name,
+                   tool_call_threshold=engine.tool_call_threshold, constrained_tool_calls=engine.config.constrained_tool_calls)
     if args.details:
         write_details(args.details, details)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(format_table(summary))
-        print(f"{summary['seconds']} s; adapter {summary['adapter']}; tool format {summary['tool_format']}")
+        print(f"{summary['seconds']} s; adapter {summary['adapter']}; tool format {summary['tool_format']}; "
+              f"call gate {summary['tool_call_threshold']}")
     return 0
 
 

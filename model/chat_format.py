@@ -208,6 +208,11 @@ class ChatFormat:
         self._template_tools_cache: dict[str, str | None] = {}
         self._probe_template()
         self._probe_markers()
+        self.call_open_ids: list[int] = self._probe_call_opening()
+        # what the call gate writes to open a call: those tokens, then the rest of the opening when a token
+        # straddles its end (a tag completed, so the constrained decoder takes over at once)
+        rest = (" " + (self.tool_format.call_opening() or ""))[len(self.decode(self.call_open_ids)) :]
+        self.call_force_ids: list[int] = self.call_open_ids + (self.encode(rest) if self.call_open_ids and rest else [])
 
     # ------------------------------------------------------------------ template probing
 
@@ -294,6 +299,20 @@ class ChatFormat:
         self.response_token_id: int = response[c]
         self._silence_ids = silence
         self._response_ids = response
+
+    def _probe_call_opening(self) -> list[int]:
+        """The tokens a reply that calls a tool starts with after "(response)" (the tool format's opening, as
+        `bot_turn_ids` tokenizes a call turn), or [] when the format has no opening or it shares no whole
+        token with a call. A prefix of the opening when a token straddles its end."""
+        opening = self.tool_format.call_opening()
+        if not opening:
+            return []
+        ids = self.encode(BotTurn(kind="response", tool_calls=(ToolCall("f", {}),)).rest_text(self.tool_format))
+        target = " " + opening
+        k = 0
+        while k < len(ids) and target.startswith(self.decode(ids[: k + 1])):
+            k += 1
+        return ids[:k]
 
     # ------------------------------------------------------------------ text hygiene
 

@@ -70,6 +70,11 @@ class EngineConfig:
     max_tool_rounds: int = 3  # call -> results -> answer rounds per reply
     max_tool_calls_per_turn: int = 8  # calls one bot turn may make; the rest are refused unrun
     constrained_tool_calls: bool = True  # after "<tool_call>", only JSON fitting a tool's schema (model/constrained.py)
+    # The call gate: a reply opens with a tool call when P(call) >= this (P(call): the model's probability of the
+    # call opening after "(response)"), and otherwise starts in words. None: the adapter's calibrated one, and
+    # no gate (the model's own choice) when it has none; tool_call_gate False turns the gate off.
+    tool_call_threshold: float | None = None
+    tool_call_gate: bool = True
     tool_format: str = "auto"  # auto (from the chat template) | plain | hermes | llama3 | glm4
     max_prompt_tools: int = 8  # with more tools registered, list only the most relevant ones (BM25) per message
     tool_calls_per_user_per_hour: int | None = 20  # None: no limit
@@ -83,6 +88,8 @@ class EngineConfig:
     def validate(self) -> None:
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold must be between 0 and 1, got {self.threshold}")
+        if self.tool_call_threshold is not None and not 0.0 <= self.tool_call_threshold <= 1.0:
+            raise ConfigError(f"tool_call_threshold must be between 0 and 1, got {self.tool_call_threshold}")
         if self.named_threshold is not None and not 0.0 <= self.named_threshold <= 1.0:
             raise ConfigError(f"named_threshold must be between 0 and 1, got {self.named_threshold}")
         if not 0.1 <= self.context_keep_ratio <= 1.0:

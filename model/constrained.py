@@ -58,6 +58,10 @@ class CallGrammar:
                 continue
             # decoded after "0" keeps a leading space that decoding a token alone may drop
             after_zero = tokenizer.decode([zero, i])[1:]
+            if "\ufffd" in after_zero:
+                # a piece of a multi-byte character: its text depends on its neighbours, which the character
+                # automaton cannot follow (it could end in a dead state mid-string); whole-character tokens remain
+                continue
             regular.append((i, after_zero, len(after_zero) > len(tokenizer.decode([i]))))
         self.end_id = min(stop_ids)  # the automaton's "complete" signal; never generated inside a call
         self.data = TokenEnforcerTokenizerData(regular, self._decode, self.end_id, False, len(tokenizer))

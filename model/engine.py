@@ -47,7 +47,7 @@ from model.config import EngineConfig
 from model.constrained import CallDecoder, CallGrammar
 from model.conversation import Message, ToolCall
 from model.errors import ConfigError, ModelLoadError
-from model.loading import load_model, release_memory, resolve_threshold
+from model.loading import load_model, release_memory, resolve_threshold, resolve_tool_call_threshold
 from model.runner import Runner, build_runner
 from model.tool_format import TOOL_CALL_OPEN
 from model.tool_retrieval import RETRIEVAL_MESSAGES, ToolRetriever
@@ -104,6 +104,7 @@ class Reply:
     errors: list[str]
     n_tokens: int
     ms: float
+    p_call: float | None = None  # P(the reply opens with a tool call), where the channel has tools
 
 
 @dataclass
@@ -215,6 +216,8 @@ class Engine:
         # Thresholds the user set (None: the adapter's calibrated ones); `from_config` passes the values from
         # before resolution, so that a reloaded adapter brings its own calibration unless the user chose.
         self._explicit_thresholds: tuple[float | None, float | None] = (config.threshold, config.named_threshold)
+        # the call gate's threshold (None: no gate); `from_config` and adapter reloads resolve the adapter's
+        self.tool_call_threshold: float | None = config.tool_call_threshold if config.tool_call_gate else None
         if config.threshold is None:
             config.threshold = 0.5
         if config.named_threshold is None:
@@ -258,6 +261,7 @@ class Engine:
         release_memory()
         engine = cls(runner, fmt, config, model_name=name)
         engine._explicit_thresholds = explicit
+        engine.tool_call_threshold = resolve_tool_call_threshold(config, config.adapter)
         return engine
 
     # ------------------------------------------------------------------ adapter hot swap
@@ -285,11 +289,14 @@ class Engine:
                     f"{len(self.fmt.tokenizer)}; channel histories are token ids, so a different tokenizer needs a restart"
                 )
             threshold, named_threshold = resolve_threshold(config, loaded.adapter)
+            call_threshold = resolve_tool_call_threshold(config, loaded.adapter)
             runner = build_runner(loaded.model, dtype=loaded.dtype, device=loaded.device, consume=True)
             adapter = loaded.adapter
             del loaded
             release_memory()
             self.swap_model(runner, adapter, threshold, named_threshold)
+            with self._lock:
+                self.tool_call_threshold = call_threshold
             log.info("engine: adapter %s (%s) loaded in %.1f s; thresholds %.3f / %.3f", adapter, self.adapter_version,
                      time.perf_counter() - start, threshold, named_threshold)
 
@@ -538,10 +545,20 @@ class Engine:
             stream = _TextStream(self.fmt.decode, on_text) if on_text is not None else None
             calls = self._call_decoder(ch)
             inside: list[int] | None = None  # ids since an opened tool call's tag, while constrained
+            p_call = self._call_probability(ch, out) if ch.tools and self.fmt.call_open_ids else None
+            opening: list[int] = []  # the call gate's verdict: open a call, or (banned) start otherwise
+            banned: int | None = None
+            if p_call is not None and self.tool_call_threshold is not None:
+                if p_call >= self.tool_call_threshold:
+                    opening = list(self.fmt.call_force_ids[:limit])
+                else:
+                    banned = self.fmt.call_open_ids[0]
             while len(generated) < limit:
                 logits = self.runner.next_logits(out).clone()
                 forced: list[int] = []
-                if inside is not None and calls is not None:
+                if opening and not generated:
+                    forced = opening
+                elif inside is not None and calls is not None:
                     allowed = calls.allowed(inside)
                     if allowed is None:  # the call's JSON is complete: close it, decode freely again
                         forced, inside = calls.close_ids[: limit - len(generated)], None
@@ -551,6 +568,8 @@ class Engine:
                         logits = masked
                 elif len(generated) < min_new_tokens:
                     logits[list(self.fmt.stop_ids)] = -float("inf")
+                if banned is not None and not generated:
+                    logits[banned] = -float("inf")
                 if not forced:
                     token = self._sample(logits)
                     if token in self.fmt.stop_ids:
@@ -574,7 +593,34 @@ class Engine:
                 errors=list(parsed.errors),
                 n_tokens=len(generated),
                 ms=(time.perf_counter() - start) * 1000,
+                p_call=p_call,
             )
+
+    def call_probability(self, channel_id: str) -> float | None:
+        """P(the reply to the last message opens with a tool call), without generating; None when the
+        channel lists no tools or the tool format has no call opening."""
+        with self._lock:
+            ch = self.channel(channel_id)
+            if not (ch.tools and self.fmt.call_open_ids):
+                return None
+            header = self.fmt.bot_header_ids + self.fmt.decision_prefix_ids + self.fmt.response_marker_rest_ids()
+            out, _ = self._forward(ch, header)
+            return self._call_probability(ch, out)
+
+    def _call_probability(self, ch: Channel, out: torch.Tensor) -> float:
+        """P(the reply opens with a tool call): the model's probability of the format's call opening right
+        after "(response)" (`out`: the output there), by teacher forcing the opening's few tokens; the cache
+        is cropped back afterwards. The call gate compares it with `tool_call_threshold`."""
+        ids = self.fmt.call_open_ids
+        base = self.runner.length(ch.state)
+        logp = 0.0
+        for k, token in enumerate(ids):
+            logp += float(torch.log_softmax(self.runner.next_logits(out).float(), dim=-1)[token])
+            if k + 1 < len(ids) and logp > -math.inf:
+                out = self.runner.extend(ch.state, [token])
+        self.runner.crop(ch.state, base)
+        p = math.exp(logp)
+        return 0.0 if math.isnan(p) else p
 
     def _call_decoder(self, ch: Channel) -> CallDecoder | None:
         """Schema-constrained tool calls for this channel's tools (`model/constrained.py`), when on. Not for a

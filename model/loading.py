@@ -236,6 +236,17 @@ def resolve_threshold(config: EngineConfig, adapter: str | None) -> tuple[float,
     return threshold, named if named is not None else threshold
 
 
+def resolve_tool_call_threshold(config: EngineConfig, adapter: str | None) -> float | None:
+    """The call gate's threshold: none with the gate off; else the explicit setting; else the adapter's
+    calibrated one (`chime train` stores it); else None (no gate: the model's own choice)."""
+    if not config.tool_call_gate:
+        return None
+    if config.tool_call_threshold is not None:
+        return config.tool_call_threshold
+    value = adapter_meta(adapter).get("tool_call_threshold")
+    return float(value) if isinstance(value, (int, float)) and 0 <= value <= 1 else None
+
+
 def release_memory() -> None:
     """Return freed heap pages to the OS after loading (glibc keeps them otherwise)."""
     import ctypes

@@ -146,6 +146,18 @@ class ToolFormat:
             for c in calls
         )
 
+    def call_opening(self) -> str | None:
+        """The text every rendered call starts with, whatever the tool (where the model commits to calling),
+        or None when calls start with the tool's name (nothing tells a call from words before it)."""
+        a, b = self.render_calls([ToolCall("a", {})]), self.render_calls([ToolCall("b", {})])
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        opening = a[:n]
+        if TOOL_CALL_OPEN in opening:  # tagged calls: the tag alone (the constrained decoder takes over there)
+            return opening[: opening.index(TOOL_CALL_OPEN) + len(TOOL_CALL_OPEN)]
+        return opening if opening.strip() else None
+
     def parse(self, generated: str) -> ParsedReply:
         return _parse_tagged(generated)
 

@@ -251,9 +251,9 @@ def test_watcher_swaps_the_adapter_between_messages(tmp_path, adapters, tiny_eng
     fresh_b = Engine.from_config(dataclasses.replace(engine.config, adapter=str(reg.get("b").path), threshold=None, named_threshold=None))
     p_a = _decide_all(fresh_a, "c", CHAT)
     p_b = _decide_all(fresh_b, "c", CHAT)
-    assert p_before == pytest.approx(p_a[:3], abs=1e-4)
-    assert p_after == pytest.approx(p_b[3:], abs=1e-4)  # exactly what an engine started on b decides
-    assert max(abs(x - y) for x, y in zip(p_after, p_a[3:], strict=True)) > 1e-3  # and not what a decided
+    assert p_before == pytest.approx(p_a[:3], abs=1e-3)
+    assert p_after == pytest.approx(p_b[3:], abs=1e-3)  # exactly what an engine started on b decides
+    assert max(abs(x - y) for x, y in zip(p_after, p_a[3:], strict=True)) > 1e-2  # and not what a decided
 
 
 def test_explicit_thresholds_survive_a_reload(adapters, tiny_engine_factory):

@@ -25,7 +25,7 @@ from model.chat_format import BotTurn
 from model.conversation import Conversation, ToolCall, scored_messages
 from model.engine import Engine, IncomingMessage, decision_rule, names_bot
 
-TOOL_CALL_MAX_NEW_TOKENS = 96
+TOOL_CALL_MAX_NEW_TOKENS = 160  # room for three calls with a few arguments each
 
 
 @dataclass
@@ -45,6 +45,7 @@ class EvalRow:
     tool_calls_matched: int = 0
     tool_calls_matched_by_result: int = 0
     response: str | None = None
+    p_call: float | None = None  # P(the answer opens with a tool call), on expected answers where tools are listed
 
 
 def _canonical(value: Any) -> Any:
@@ -193,6 +194,7 @@ def evaluate_conversation(engine: Engine, conv: Conversation, generate: bool = F
                     reply = engine.generate(
                         channel_id, max_new_tokens=None if generate else TOOL_CALL_MAX_NEW_TOKENS
                     )
+                    row.p_call = reply.p_call
                     row.predicted_tool_calls = [c.to_dict() for c in reply.tool_calls]
                     row.tool_calls_matched = count_matching_calls(target.expected_tool_calls, reply.tool_calls)
                     if conv.tools:  # the file's own schemas: nothing of ours can run them
@@ -203,12 +205,66 @@ def evaluate_conversation(engine: Engine, conv: Conversation, generate: bool = F
                         )
                     if generate and d.decision == "respond":
                         row.response = reply.text
+                elif target.expected == "respond":  # the call gate is scored on every expected answer
+                    row.p_call = engine.call_probability(channel_id)
                 rows.append(row)
             if not bot_follows:
                 engine.commit(channel_id, BotTurn(kind="silence"))
     finally:
         engine.reset(channel_id)
     return rows
+
+
+def call_gate_metrics(rows: Sequence[EvalRow], threshold: float | None) -> dict[str, Any] | None:
+    """How well P(call) separates answers that should call a tool from answers in words (rows expected to be
+    answered, where the prompt listed tools), and the gate's verdicts at `threshold` (None: no gate)."""
+    scored = [r for r in rows if r.p_call is not None and r.expected == "respond"]
+    if not scored:
+        return None
+    calls = [r for r in scored if r.expected_tool_calls]
+    words = [r for r in scored if not r.expected_tool_calls]
+    out: dict[str, Any] = {
+        "n_call_answers": len(calls),
+        "n_word_answers": len(words),
+        "auc": roc_auc([bool(r.expected_tool_calls) for r in scored], [float(r.p_call or 0.0) for r in scored]),
+        "threshold": threshold,
+    }
+    if threshold is not None:
+        recall = _ratio(sum(float(r.p_call or 0.0) >= threshold for r in calls), len(calls))
+        words_kept = _ratio(sum(float(r.p_call or 0.0) < threshold for r in words), len(words))
+        out["call_recall"] = recall  # answers that should call and open a call
+        out["word_accuracy"] = words_kept  # answers that should not call and start in words
+        out["balanced_accuracy"] = None if recall is None or words_kept is None else (recall + words_kept) / 2
+    return out
+
+
+def calibrate_call_gate(rows: Sequence[EvalRow]) -> tuple[float | None, dict[str, Any] | None]:
+    """The gate threshold with the best balanced accuracy (calls opened vs. answers kept in words) on `rows`,
+    ties to the threshold nearer 0.5; (None, None) without both kinds of answer to learn from."""
+    gate = call_gate_metrics(rows, None)
+    if gate is None or not gate["n_call_answers"] or not gate["n_word_answers"]:
+        return None, gate
+    scores = [float(r.p_call or 0.0) for r in rows if r.p_call is not None and r.expected == "respond"]
+    best: tuple[tuple[float, float], float] | None = None
+    for t in _candidates(scores, 200):
+        m = call_gate_metrics(rows, t)
+        assert m is not None
+        key = (m["balanced_accuracy"] or 0.0, -abs(t - 0.5))
+        if best is None or key > best[0]:
+            best = (key, round(t, 6))
+    assert best is not None
+    return best[1], call_gate_metrics(rows, best[1])
+
+
+def rows_at_gate(rows: Sequence[EvalRow], threshold: float) -> list[EvalRow]:
+    """Rows whose calls were generated with the call opened (tool_call_threshold 0) as the gate at
+    `threshold` would have them: an answer with P(call) below it opens no call, so its calls match nothing."""
+    out = []
+    for r in rows:
+        if r.expected_tool_calls and r.p_call is not None and r.p_call < threshold:
+            r = dataclasses.replace(r, predicted_tool_calls=[], tool_calls_matched=0, tool_calls_matched_by_result=0)
+        out.append(r)
+    return out
 
 
 def evaluate(
@@ -239,6 +295,7 @@ def evaluate(
             "adapter": engine.adapter,
             "elapsed_s": round(elapsed, 2),
             "decision_p50_ms": round(latencies[len(latencies) // 2], 2) if latencies else None,
+            "tool_call_gate": call_gate_metrics(rows, engine.tool_call_threshold),
         }
     )
     return metrics, rows

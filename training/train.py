@@ -10,6 +10,7 @@ A run writes into `output_dir`:
     tensorboard/         TensorBoard event files
     adapter/             the PEFT adapter + chime_adapter.json (calibrated threshold, metrics) + card
     run_card.json/.md    recipe, data hash and counts, training figures, dev metrics
+    dev_details.jsonl    one row per dev message: P(respond), the decision, P(call), the calls generated
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from model.config import DEFAULT_MODEL
 from model.errors import ConfigError
 from model.loading import ADAPTER_META
 from training.recipe import Recipe, recipe_tools
+
+DEV_DETAILS = "dev_details.jsonl"
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +314,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
 
     gc.collect()
     if recipe.evaluate:
-        card["evaluation"] = evaluate_adapter(recipe, str(adapter_dir))
+        card["evaluation"] = evaluate_adapter(recipe, str(adapter_dir), details=out / DEV_DETAILS)
     save_card(out, adapter_dir, recipe, card)
     return TrainResult(str(out), str(adapter_dir), card)
 
@@ -327,23 +330,41 @@ def save_adapter(model: Any, adapter_dir: Path, save_dtype: str) -> None:
     model.save_pretrained(str(adapter_dir))
 
 
-def evaluate_adapter(recipe: Recipe, adapter_dir: str | None, engine_settings: dict[str, Any] | None = None) -> dict[str, Any]:
+def evaluate_adapter(
+    recipe: Recipe, adapter_dir: str | None, engine_settings: dict[str, Any] | None = None, details: Path | None = None
+) -> dict[str, Any]:
     """Decide every dev message with the adapter, calibrate the thresholds there, and score them.
 
     Besides the metrics at the calibrated thresholds (calibrated and scored on the same dev split, as
     the engine will use them), the card keeps the metrics at 0.5 and a 2-fold cross-validated estimate
     (thresholds fitted on half the dev conversations, scored on the other half).
+
+    The call gate is calibrated the same way: expected calls are generated with the call opened
+    (tool_call_threshold 0), P(call) is read on every expected answer, and the gate's threshold is the one
+    that best separates answers that call from answers in words; tool-call accuracy is then scored as the
+    gate would have it (an answer below the threshold opens no call). `details`: a file for one JSON row
+    per dev message, as the calibrated thresholds decide it.
     """
     from model.config import EngineConfig
     from model.conversation import read_conversations
     from model.engine import Engine
     from training.dataset import expand_globs
-    from training.evaluate import calibrate, compute_metrics, cross_validated, evaluate, rows_at
+    from training.evaluate import (
+        calibrate,
+        calibrate_call_gate,
+        compute_metrics,
+        cross_validated,
+        evaluate,
+        rows_at,
+        rows_at_gate,
+        write_details,
+    )
 
     config = EngineConfig(
         model=recipe.model, adapter=adapter_dir, bot_name=recipe.bot_name, threshold=0.5, device=recipe.device,
         tools=list(recipe.tools), tool_format=recipe.tool_format, max_prompt_tools=recipe.max_prompt_tools,
         temperature=0.0,  # scored tool calls are greedy
+        tool_call_threshold=0.0,  # expected calls are generated opened; the gate is calibrated below
         **(engine_settings or {}),  # e.g. a remote backend (chime retrain --backend openai)
     )
     engine = Engine.from_config(config)
@@ -363,8 +384,16 @@ def evaluate_adapter(recipe: Recipe, adapter_dir: str | None, engine_settings: d
         "max_missed": recipe.calibration_max_missed,
         "separate_named": recipe.calibration_separate_named,
     }
+    gate_threshold, gate = calibrate_call_gate(all_rows)
+    if gate_threshold is not None:
+        all_rows = rows_at_gate(all_rows, gate_threshold)
+        per_file = {path: rows_at_gate(rows, gate_threshold) for path, rows in per_file.items()}
     cal = calibrate(all_rows, **limits)
+    if details is not None:
+        write_details(details, rows_at(all_rows, cal.threshold, aam, cal.named_threshold))
     result: dict[str, Any] = {
+        "tool_call_threshold": gate_threshold,
+        "tool_call_gate": gate,
         "threshold": cal.threshold,
         "named_threshold": cal.named_threshold,
         "limits_met": cal.feasible,
@@ -389,7 +418,7 @@ def recalibrate(recipe: Recipe) -> dict[str, Any]:
         raise ConfigError(f"no trained adapter with a run card in {adapter_dir}")
     card = json.loads(card_path.read_text())
     card["recipe"].update({k: v for k, v in dataclasses.asdict(recipe).items() if k.startswith("calibration_") or k in ("dev_files", "eval_limit")})
-    card["evaluation"] = evaluate_adapter(recipe, str(adapter_dir))
+    card["evaluation"] = evaluate_adapter(recipe, str(adapter_dir), details=out / DEV_DETAILS)
     save_card(out, adapter_dir, recipe, card)
     return card
 
@@ -410,6 +439,7 @@ def write_adapter_meta(adapter_dir: Path, recipe: Recipe, card: dict[str, Any]) 
         "named_threshold": ev.get("named_threshold", ev.get("threshold", 0.5)),
         "recipe": recipe.name,
         "data_hash": card["data"]["data_hash"],
+        "tool_call_threshold": ev.get("tool_call_threshold"),  # the call gate (None: none calibrated)
         "dev_metrics": {k: ev.get("calibrated", {}).get(k) for k in ("macro_f1", "false_interruption_rate", "missed_intervention_rate", "addressed_recall")},
     }
     (adapter_dir / ADAPTER_META).write_text(json.dumps(meta, indent=1) + "\n")
@@ -458,6 +488,14 @@ def card_markdown(card: dict[str, Any]) -> str:
             lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in keys) + " |")
         for path, m in ev["calibrated_per_file"].items():
             lines.append(f"| {path} | " + " | ".join(_fmt(m.get(k)) for k in keys) + " |")
+        calibrated = ev.get("calibrated") or {}
+        lines += ["", f"Tool calls (same tool and arguments / same result): {_fmt(calibrated.get('tool_call_accuracy'))} / "
+                  f"{_fmt(calibrated.get('tool_call_result_accuracy'))} of {calibrated.get('n_expected_tool_calls')} expected calls."]
+        gate = ev.get("tool_call_gate")
+        if gate:
+            lines += ["", f"Call gate (open a call when P(call) >= {ev.get('tool_call_threshold')}): ROC AUC {_fmt(gate.get('auc'))}; "
+                      f"{_fmt(gate.get('call_recall'))} of {gate['n_call_answers']} answers that should call open one, "
+                      f"{_fmt(gate.get('word_accuracy'))} of {gate['n_word_answers']} answers in words stay in words."]
     return "\n".join(lines) + "\n"
 
 
