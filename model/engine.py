@@ -104,7 +104,7 @@ class Reply:
     errors: list[str]
     n_tokens: int
     ms: float
-    p_call: float | None = None  # P(the reply opens with a tool call), where the channel has tools
+    p_call: float | None = None  # P(the reply opens with a tool call), for an answer to a person where tools are listed
 
 
 @dataclass
@@ -545,7 +545,10 @@ class Engine:
             stream = _TextStream(self.fmt.decode, on_text) if on_text is not None else None
             calls = self._call_decoder(ch)
             inside: list[int] | None = None  # ids since an opened tool call's tag, while constrained
-            p_call = self._call_probability(ch, out) if ch.tools and self.fmt.call_open_ids else None
+            # the gate decides the first answer to a person; after tool results the model goes on freely
+            # (the gate was calibrated on answers to people, and forcing calls there could loop to the round limit)
+            first = ch.turns[-1].kind == "human"
+            p_call = self._call_probability(ch, out) if first and ch.tools and self.fmt.call_open_ids else None
             opening: list[int] = []  # the call gate's verdict: open a call, or (banned) start otherwise
             banned: int | None = None
             if p_call is not None and self.tool_call_threshold is not None:

@@ -150,3 +150,13 @@ def test_evaluation_reads_p_call_on_expected_answers(tiny_engine_factory) -> Non
 def test_the_forced_opening_completes_the_tag(tiny_format) -> None:
     assert tiny_format.decode(tiny_format.call_force_ids) == " " + TOOL_CALL_OPEN
     assert tiny_format.call_force_ids[: len(tiny_format.call_open_ids)] == tiny_format.call_open_ids
+
+
+def test_after_tool_results_the_model_goes_on_without_the_gate(tiny_engine_factory) -> None:
+    """The gate decides the first answer to a person; after results a forced call could loop to the round limit."""
+    engine = tiny_engine_factory(threshold=0.0, tool_call_threshold=0.0, max_new_tokens=200, max_tool_rounds=2)
+    d = engine.handle("c", IncomingMessage("bob", "@Chime what is 84.5 * 3?", addressed=True))
+    assert d.tool_calls and d.tool_results  # the first answer was opened as a call and ran
+    engine.add_message("c", Message(role="tool", name="calculator", content="253.5"))
+    reply = engine.generate("c", max_new_tokens=4)
+    assert reply.p_call is None  # no gate after a result
