@@ -274,8 +274,9 @@ def _adapter_error(adapter: str, e: Exception) -> str:
             f"differ, the first {mismatches[0][len('size mismatch for '):][:300]}")
 
 
-def attach_adapter(model: Any, adapter: str, merge: bool = True) -> Any:
-    """Load a PEFT adapter onto `model`; merge it into the weights unless the base is quantised."""
+def attach_adapter(model: Any, adapter: str, merge: bool = True, trainable: bool = False) -> Any:
+    """Load a PEFT adapter onto `model`; merge it into the weights unless the base is quantised (or `merge`
+    is off). `trainable`: keep its LoRA weights trainable, to continue training them."""
     from peft import PeftModel
 
     if not (Path(adapter) / "adapter_config.json").is_file():
@@ -285,7 +286,7 @@ def attach_adapter(model: Any, adapter: str, merge: bool = True) -> Any:
         raise ModelLoadError(f"adapter {adapter!r} has no adapter_model.safetensors (pickle-based .bin weights are "
                              "refused; re-save the adapter with safetensors)")
     try:
-        peft_model = PeftModel.from_pretrained(model, adapter)
+        peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     except Exception as e:
         raise ModelLoadError(f"cannot load adapter {adapter!r} onto this model: {_adapter_error(adapter, e)}") from e
     return peft_model.merge_and_unload() if merge else peft_model

@@ -59,6 +59,12 @@ def test_verdict_compares_every_set() -> None:
     assert not ok and "logged-heldout: false interruptions" in reasons[0]
     better = {"dev": {"macro_f1": 0.93, "false_interruption_rate": 0.01, "addressed_recall": 0.96}}
     assert verdict(better, serving, cfg)[0]
+    # tool calls: a candidate that calls worse is rejected, within the tolerance it passes
+    serving["dev"]["tool_call_accuracy"] = 0.28
+    fewer = {"dev": {**serving["dev"], "tool_call_accuracy": 0.15}}
+    ok, reasons = verdict(fewer, serving, cfg)
+    assert not ok and reasons == ["dev: tool-call accuracy 0.150 vs serving 0.280"]
+    assert verdict({"dev": {**serving["dev"], "tool_call_accuracy": 0.27}}, serving, cfg)[0]
 
 
 def test_parse_every() -> None:
@@ -85,7 +91,7 @@ def test_schedule_runs_cycles_and_survives_a_failed_one(monkeypatch, capsys) -> 
 
 
 def test_retrain_cycles_promote_skip_and_reject(tmp_path: Path, tiny_model_dir: Path) -> None:
-    cfg = _cfg(tmp_path, tiny_model_dir, f1_tolerance=2.0, fi_tolerance=2.0, named_tolerance=2.0)  # anything passes
+    cfg = _cfg(tmp_path, tiny_model_dir, f1_tolerance=2.0, fi_tolerance=2.0, named_tolerance=2.0, tool_tolerance=2.0)  # anything passes
     assert run_cycle(cfg).status == "skipped"  # nothing logged yet
     _log_chats(cfg.db, tmp_path, 6, datetime(2026, 11, 1, tzinfo=timezone.utc))
     first = run_cycle(cfg)
@@ -119,7 +125,7 @@ def test_retrain_cycles_promote_skip_and_reject(tmp_path: Path, tiny_model_dir: 
 
 
 def test_a_kill_during_training_leaves_the_serving_adapter(tmp_path: Path, tiny_model_dir: Path) -> None:
-    cfg = _cfg(tmp_path, tiny_model_dir, f1_tolerance=2.0, fi_tolerance=2.0, named_tolerance=2.0)
+    cfg = _cfg(tmp_path, tiny_model_dir, f1_tolerance=2.0, fi_tolerance=2.0, named_tolerance=2.0, tool_tolerance=2.0)
     _log_chats(cfg.db, tmp_path, 6, datetime(2026, 11, 1, tzinfo=timezone.utc))
     first = run_cycle(cfg)
     assert first.status == "promoted"
@@ -128,7 +134,7 @@ def test_a_kill_during_training_leaves_the_serving_adapter(tmp_path: Path, tiny_
     overrides = {**cfg.overrides, "max_steps": 400}
     args = [sys.executable, "-m", "training.retrain", "--db", cfg.db, "--adapters-dir", cfg.adapters_dir,
             "--logged-dir", cfg.logged_dir, "--runs-dir", cfg.runs_dir, "--min-labels", "1",
-            "--f1-tolerance", "2", "--fi-tolerance", "2", "--named-tolerance", "2",
+            "--f1-tolerance", "2", "--fi-tolerance", "2", "--named-tolerance", "2", "--tool-tolerance", "2",
             *[f"{k}={json.dumps(v)}" for k, v in overrides.items()]]
     proc = subprocess.Popen(args, cwd=Path(__file__).parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})

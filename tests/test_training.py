@@ -213,6 +213,61 @@ def test_train_end_to_end_resume_and_serve(tmp_path, tiny_model_dir, capsys):
     assert card["training"]["steps"] == 6 and card["training"]["resumed_from"].endswith("checkpoint-4")
 
 
+def test_require_tool_calls_keeps_conversations_that_call(tmp_path):
+    call = Message(role="assistant", content="", tool_calls=[ToolCall("calculator", {"expression": "1+1"})])
+    convs = [
+        Conversation(id="talk", messages=[Message(role="user", name="a", content="hi")]),
+        Conversation(id="calls", messages=[Message(role="user", name="a", content="Chime, 1+1?"), call,
+                                           Message(role="tool", name="calculator", content="2")]),
+    ]
+    write_conversations(tmp_path / "mixed.jsonl", convs)
+    items, report = load_conversations([str(tmp_path / "*.jsonl")], require_tool_calls=True)
+    assert [c.conversation.id for c in items] == ["calls"]
+    items, _ = load_conversations([str(tmp_path / "*.jsonl")])
+    assert len(items) == 2
+
+
+def test_training_continues_from_an_adapter(tmp_path, tiny_model_dir):
+    """`init_adapter` starts from that adapter's LoRA weights (and shape), trains them, and saves a new adapter."""
+    import torch
+    from safetensors.torch import load_file
+
+    from model.errors import ModelLoadError
+    from training.recipe import load_recipe
+    from training.train import train
+
+    first = train(load_recipe("training/recipes/cpu-lora.yaml", _tiny_recipe(tmp_path, tiny_model_dir, evaluate=False, report_to=[])), progress=False)
+    before = load_file(Path(first.adapter_dir) / "adapter_model.safetensors")
+    overrides = _tiny_recipe(tmp_path, tiny_model_dir, evaluate=False, report_to=[], max_steps=1, learning_rate=0.0,
+                             lora_r=2, init_adapter=first.adapter_dir, output_dir=str(tmp_path / "again"))
+    second = train(load_recipe("training/recipes/cpu-lora.yaml", overrides), progress=False)
+    after = load_file(Path(second.adapter_dir) / "adapter_model.safetensors")
+    assert after.keys() == before.keys()  # the adapter's r=4, not the recipe's r=2
+    assert all(torch.equal(after[k], before[k]) for k in before)  # learning rate 0: the loaded weights, unchanged
+    assert second.card["training"]["trainable_parameters"] == first.card["training"]["trainable_parameters"] > 0
+    assert second.card["recipe"]["lora_r"] == 4 and second.card["recipe"]["init_adapter"] == first.adapter_dir
+    # with a learning rate (after the first, warm-up step at 0), the loaded weights move
+    overrides = [o for o in overrides if not o.startswith(("learning_rate", "output_dir", "max_steps"))]
+    third = train(load_recipe("training/recipes/cpu-lora.yaml", [*overrides, "max_steps=3", f"output_dir={json.dumps(str(tmp_path / 'third'))}"]),
+                  progress=False)
+    moved = load_file(Path(third.adapter_dir) / "adapter_model.safetensors")
+    assert any(not torch.equal(moved[k], before[k]) for k in before)
+    # an adapter trained on another base model is refused, and so is a directory that is not an adapter
+    import shutil
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(first.adapter_dir, foreign)
+    meta = json.loads((foreign / "chime_adapter.json").read_text())
+    (foreign / "chime_adapter.json").write_text(json.dumps({**meta, "base_model": "someone/else"}))
+    with pytest.raises(ConfigError, match="trained on 'someone/else'"):
+        train(load_recipe("training/recipes/cpu-lora.yaml", [*overrides, f"init_adapter={json.dumps(str(foreign))}",
+                                                            f"output_dir={json.dumps(str(tmp_path / 'f'))}"]), progress=False)
+    (tmp_path / "empty").mkdir()
+    bad = [*overrides, f"init_adapter={json.dumps(str(tmp_path / 'empty'))}", f"output_dir={json.dumps(str(tmp_path / 'bad'))}"]
+    with pytest.raises(ModelLoadError, match="adapter_config.json"):
+        train(load_recipe("training/recipes/cpu-lora.yaml", bad), progress=False)
+
+
 def test_dev_conversations_never_train(tmp_path, tiny_model_dir):
     from bot.cli import main
 

@@ -93,13 +93,19 @@ def load_conversations(
     bot_name: str = "Chime",
     default_tools: Sequence[dict[str, Any]] = (),
     max_prompt_tools: int = 8,
+    require_tool_calls: bool = False,
 ) -> tuple[list[SourcedConversation], DataReport]:
-    """Read, cap per source and deduplicate the conversations matched by `patterns`; give each its prompt tools."""
+    """Read, cap per source and deduplicate the conversations matched by `patterns`; give each its prompt tools.
+
+    `require_tool_calls`: keep only conversations where the bot calls a tool (before the caps apply).
+    """
     report = DataReport()
     rng = random.Random(seed)
     items: list[SourcedConversation] = []
     for path in expand_globs(patterns):
         convs = read_conversations(path, default_bot_name=bot_name)
+        if require_tool_calls:
+            convs = [c for c in convs if any(m.tool_calls for m in c.messages)]
         for pat, cap in (caps or {}).items():
             if fnmatch.fnmatch(str(path), pat) and len(convs) > cap:
                 convs = rng.sample(convs, cap)

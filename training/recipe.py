@@ -31,6 +31,8 @@ class Recipe:
     train_files: list[str] = field(default_factory=lambda: ["conversations/train/*.jsonl"])
     dev_files: list[str] = field(default_factory=lambda: ["conversations/dev/*.jsonl"])
     source_caps: dict[str, int] = field(default_factory=dict)
+    # Keep only conversations with at least one tool call (a tool-call phase on top of an adapter).
+    require_tool_calls: bool = False
     max_seq_len: int = 1024  # longer conversations are cut into windows at message boundaries
     window_context: int = 2  # messages repeated (untrained) at the start of a following window
     # Tools listed in the prompt of conversations that carry none (as the engine lists its registry),
@@ -53,7 +55,9 @@ class Recipe:
     gradient_checkpointing: bool = False
     torch_threads: int | None = None
 
-    # LoRA
+    # LoRA. `init_adapter`: continue from that adapter's weights (e.g. model/adapters/default) instead
+    # of fresh ones; its own shape (r, alpha, targets, layers) then wins over the lora_* fields.
+    init_adapter: str | None = None
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05

@@ -20,7 +20,7 @@ A cycle:
 5. promotes the candidate only if it is not worse than the serving adapter on the agreed metrics, on
    every evaluated set: macro-F1 at most `f1_tolerance` lower, the false-interruption rate at most
    `fi_tolerance` higher, and the share of messages naming the bot that are answered at most
-   `named_tolerance` lower. Promotion goes through the adapter registry: copied aside, smoke-tested by
+   `named_tolerance` lower, and tool-call accuracy at most `tool_tolerance` lower. Promotion goes through the adapter registry: copied aside, smoke-tested by
    loading it and deciding a few dev conversations, then the pointer is switched with an atomic rename
    (model/adapter_registry.py). A running bot picks the new adapter up between messages.
 
@@ -64,6 +64,7 @@ class RetrainConfig:
     f1_tolerance: float = 0.005
     fi_tolerance: float = 0.005
     named_tolerance: float = 0.01
+    tool_tolerance: float = 0.02  # tool-call accuracy (same tool and arguments): about 3 of the dev split's 153 calls
     retention_days: float | None = None
     smoke_conversations: int = 3
     # Evaluate on a remote OpenAI-compatible server (vLLM) instead of locally: it must allow runtime
@@ -100,6 +101,7 @@ def verdict(candidate: dict[str, dict[str, Any]], serving: dict[str, dict[str, A
         ("macro_f1", 1, cfg.f1_tolerance, "macro-F1"),
         ("false_interruption_rate", -1, cfg.fi_tolerance, "false interruptions"),
         ("addressed_recall", 1, cfg.named_tolerance, "bot-named answered"),
+        ("tool_call_accuracy", 1, cfg.tool_tolerance, "tool-call accuracy"),
     )
     for dataset, cm in candidate.items():
         sm = serving.get(dataset)
@@ -451,6 +453,8 @@ def add_arguments(sub: Any) -> None:
     p.add_argument("--f1-tolerance", type=float, default=RetrainConfig.f1_tolerance)
     p.add_argument("--fi-tolerance", type=float, default=RetrainConfig.fi_tolerance)
     p.add_argument("--named-tolerance", type=float, default=RetrainConfig.named_tolerance)
+    p.add_argument("--tool-tolerance", type=float, default=RetrainConfig.tool_tolerance,
+                   help="how much lower the candidate's tool-call accuracy may be")
     p.add_argument("--retention-days", type=float, help="purge messages older than this before exporting")
     p.add_argument("--backend", choices=["local", "openai"], default="local",
                    help="evaluate on a remote OpenAI-compatible server (vLLM with runtime LoRA updates)")
@@ -466,7 +470,7 @@ def config_from_args(args: argparse.Namespace) -> RetrainConfig:
         recipe=args.recipe, overrides=parse_overrides(args.overrides), db=args.db, adapters_dir=args.adapters_dir,
         logged_dir=args.logged_dir, runs_dir=args.runs_dir, min_labels=args.min_labels,
         heldout_min_messages=args.heldout_min_messages, f1_tolerance=args.f1_tolerance, fi_tolerance=args.fi_tolerance,
-        named_tolerance=args.named_tolerance, retention_days=args.retention_days, backend=args.backend,
+        named_tolerance=args.named_tolerance, tool_tolerance=args.tool_tolerance, retention_days=args.retention_days, backend=args.backend,
         base_url=args.base_url, remote_model=args.remote_model,
     )
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import DEFAULT_MODEL
-from model.errors import ConfigError
+from model.errors import ConfigError, ModelLoadError
 from model.loading import ADAPTER_META
 from training.recipe import Recipe, recipe_tools
 
@@ -100,7 +100,8 @@ def prepare_data(recipe: Recipe, fmt: Any) -> tuple[Any, dict[str, Any]]:
     from training.dataset import build_examples, class_weights, load_conversations, summarize, to_records
 
     items, report = load_conversations(
-        recipe.train_files, recipe.source_caps, recipe.seed, recipe.bot_name, recipe_tools(recipe), recipe.max_prompt_tools
+        recipe.train_files, recipe.source_caps, recipe.seed, recipe.bot_name, recipe_tools(recipe), recipe.max_prompt_tools,
+        recipe.require_tool_calls,
     )
     dev_ids = _dev_ids(recipe)
     leaked = sorted({i.conversation.id for i in items if i.conversation.id in dev_ids})
@@ -189,6 +190,46 @@ def lora_config(recipe: Recipe, model: Any = None) -> Any:
     )
 
 
+def adopt_adapter_shape(recipe: Recipe, num_layers: int) -> Recipe:
+    """The recipe with the LoRA shape of its `init_adapter` (r, alpha, dropout, targets, top layers), so the
+    run card tells what was trained; unchanged without one."""
+    if not recipe.init_adapter:
+        return recipe
+    path = Path(recipe.init_adapter) / "adapter_config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"init_adapter {recipe.init_adapter}: no readable adapter_config.json ({e})") from e
+    layers = cfg.get("layers_to_transform")
+    top = None
+    if isinstance(layers, list) and layers:
+        top = len(layers)
+        if sorted(layers) != list(range(num_layers - top, num_layers)):
+            raise ConfigError(f"init_adapter {recipe.init_adapter} adapts layers {layers}, not a top block of {num_layers}")
+    targets = cfg.get("target_modules")
+    shape = {"lora_r": cfg.get("r", recipe.lora_r), "lora_alpha": cfg.get("lora_alpha", recipe.lora_alpha),
+             "lora_dropout": cfg.get("lora_dropout", recipe.lora_dropout), "lora_top_layers": top,
+             "target_modules": sorted(targets) if isinstance(targets, list) else [str(targets)]}
+    changed = {k: v for k, v in shape.items() if getattr(recipe, k) != v}
+    if changed:
+        log.info("init_adapter %s: its LoRA shape wins over the recipe's: %s", recipe.init_adapter, changed)
+    return dataclasses.replace(recipe, **shape)
+
+
+def with_lora(model: Any, recipe: Recipe) -> Any:
+    """The base model with trainable LoRA weights: fresh ones, or those of `recipe.init_adapter`."""
+    from peft import get_peft_model
+
+    if not recipe.init_adapter:
+        return get_peft_model(model, lora_config(recipe, model))
+    from model.loading import adapter_meta, attach_adapter
+
+    base = adapter_meta(recipe.init_adapter).get("base_model")
+    if base and base != recipe.model:
+        raise ConfigError(f"init_adapter {recipe.init_adapter} was trained on {base!r}; the recipe's model is {recipe.model!r}")
+    return attach_adapter(model, recipe.init_adapter, merge=False, trainable=True)
+
+
 def sft_config(recipe: Recipe, device: str, dtype: Any, progress: bool = True) -> Any:
     import torch
     from trl import SFTConfig
@@ -255,14 +296,13 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
 
     model, tokenizer, base_path = load_base(recipe, device, dtype)
+    recipe = adopt_adapter_shape(recipe, model.config.num_hidden_layers)
     quantized = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
     fmt = ChatFormat(tokenizer, tool_format=recipe.tool_format)
     dataset, data_report = prepare_data(recipe, fmt)
     log.info("training data: %s", json.dumps({k: v for k, v in data_report.items() if k != "files"}))
 
-    from peft import get_peft_model
-
-    model = get_peft_model(model, lora_config(recipe, model))
+    model = with_lora(model, recipe)
     trainable, total = model.get_nb_trainable_parameters()
     args = sft_config(recipe, device, dtype, progress)
     trainer = _trainer_class()(
@@ -459,7 +499,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"- Base model: {card['base_model']}",
         f"- LoRA r={r['lora_r']} alpha={r['lora_alpha']} dropout={r['lora_dropout']} targets={r['target_modules']}"
         + (f" in the top {r['lora_top_layers']} blocks" if r.get("lora_top_layers") else "")
-        + (f", 4-bit {r['bnb_4bit_quant_type']}" if r["load_in_4bit"] else ""),
+        + (f", 4-bit {r['bnb_4bit_quant_type']}" if r["load_in_4bit"] else "")
+        + (f"; continued from the adapter {r['init_adapter']}" if r.get("init_adapter") else ""),
         f"- Data hash {d['data_hash']}: {d['examples']} examples, {d['tokens']} tokens ({d['trained_tokens']} trained), "
         f"decisions {d['decisions']}, class weights {d['class_weights']}, decision weight {r['decision_weight']}",
         f"- Training: {t['steps']} steps, {t['epochs']} epochs, {t['seconds']} s on {t['device']} ({t['dtype']}), "
