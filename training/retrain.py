@@ -20,9 +20,9 @@ A cycle:
 5. promotes the candidate only if it is not worse than the serving adapter on the agreed metrics, on
    every evaluated set: macro-F1 at most `f1_tolerance` lower, the false-interruption rate at most
    `fi_tolerance` higher, and the share of messages naming the bot that are answered at most
-   `named_tolerance` lower, and tool-call accuracy at most `tool_tolerance` lower. Promotion goes through the adapter registry: copied aside, smoke-tested by
-   loading it and deciding a few dev conversations, then the pointer is switched with an atomic rename
-   (model/adapter_registry.py). A running bot picks the new adapter up between messages.
+   `named_tolerance` lower, and tool-call accuracy at most `tool_tolerance` lower. Promotion goes
+   through the adapter registry: copied aside, smoke-tested by loading it and deciding a few dev
+   conversations, then the pointer is switched with an atomic rename (model/adapter_registry.py). A running bot picks the new adapter up between messages.
 
 Every candidate and evaluation is recorded in the database (`adapter_versions`, `evaluations`).
 """

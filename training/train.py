@@ -192,9 +192,15 @@ def lora_config(recipe: Recipe, model: Any = None) -> Any:
 
 def adopt_adapter_shape(recipe: Recipe, num_layers: int) -> Recipe:
     """The recipe with the LoRA shape of its `init_adapter` (r, alpha, dropout, targets, top layers), so the
-    run card tells what was trained; unchanged without one."""
+    run card tells what was trained; unchanged without one. Refuses, before any data is prepared, an
+    adapter trained on another base model or one without a readable config."""
     if not recipe.init_adapter:
         return recipe
+    from model.loading import adapter_meta
+
+    base = adapter_meta(recipe.init_adapter).get("base_model")
+    if base and base != recipe.model:
+        raise ConfigError(f"init_adapter {recipe.init_adapter} was trained on {base!r}; the recipe's model is {recipe.model!r}")
     path = Path(recipe.init_adapter) / "adapter_config.json"
     try:
         cfg = json.loads(path.read_text())
@@ -222,11 +228,8 @@ def with_lora(model: Any, recipe: Recipe) -> Any:
 
     if not recipe.init_adapter:
         return get_peft_model(model, lora_config(recipe, model))
-    from model.loading import adapter_meta, attach_adapter
+    from model.loading import attach_adapter
 
-    base = adapter_meta(recipe.init_adapter).get("base_model")
-    if base and base != recipe.model:
-        raise ConfigError(f"init_adapter {recipe.init_adapter} was trained on {base!r}; the recipe's model is {recipe.model!r}")
     return attach_adapter(model, recipe.init_adapter, merge=False, trainable=True)
 
 
