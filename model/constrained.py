@@ -43,12 +43,39 @@ def call_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
+def _require_fraction_digit() -> None:
+    """lm-format-enforcer 0.11.3 lets an exponent follow the decimal point (`1.e5`), which is not JSON: the call
+    was closed as broken JSON (upstream noamgat/lm-format-enforcer#181, open). It also lets an integer take an
+    exponent (`0E234545`), which JSON reads as a float (or inf). After a decimal point only a digit may follow,
+    and integers are digits. The library builds its number states by this module-level name (also in
+    `_clone`), so the subclass takes their place once per process; everything else is the library's."""
+    from lmformatenforcer import jsonschemaparser
+
+    library_state = jsonschemaparser.NumberParsingState
+    if getattr(library_state, "requires_fraction_digit", False):
+        return
+
+    class NumberParsingState(library_state):  # type: ignore[misc, valid-type]
+        requires_fraction_digit = True
+
+        def get_allowed_characters(self) -> str:
+            if self.parsed_string.endswith("."):
+                return "0123456789"
+            allowed = super().get_allowed_characters()
+            if not self.allow_floating_point:
+                allowed = allowed.replace("e", "").replace("E", "")
+            return allowed
+
+    jsonschemaparser.NumberParsingState = NumberParsingState
+
+
 class CallGrammar:
     """The tokenizer side, built once: which text each token adds (what lm-format-enforcer needs)."""
 
     def __init__(self, tokenizer: Any, stop_ids: Iterable[int]):
         from lmformatenforcer.tokenenforcer import TokenEnforcerTokenizerData
 
+        _require_fraction_digit()
         self.tokenizer = tokenizer
         special = set(tokenizer.all_special_ids)
         zero = tokenizer.encode("0", add_special_tokens=False)[-1]

@@ -76,6 +76,67 @@ def test_walks_never_end_in_a_dead_state(tiny_tokenizer, format_name: str) -> No
                 assert not parsed.errors and len(parsed.tool_calls) == 1, (seed, text)
 
 
+NUMBERS = {"name": "scale", "description": "Scale.", "parameters": {"type": "object", "properties": {
+    "factor": {"type": "number"}, "times": {"type": "integer"}}, "required": ["factor", "times"]}}
+
+
+def _number_parser():
+    from lmformatenforcer import JsonSchemaParser
+
+    return JsonSchemaParser(call_schema([NUMBERS]))
+
+
+def _feed(text: str):
+    """The parser after `text`, or the index of the first character it refused."""
+    parser = _number_parser()
+    for i, ch in enumerate(text):
+        if ch not in parser.get_allowed_characters():
+            return i
+        parser = parser.add_character(ch)
+    return parser
+
+
+def test_a_decimal_point_needs_a_digit_after_it(tiny_tokenizer) -> None:
+    """lm-format-enforcer 0.11.3 allows `1.e5` (not JSON; upstream #181) and integers with exponents (a float
+    once parsed); the grammar installs the fix."""
+    CallGrammar(tiny_tokenizer, [tiny_tokenizer.eos_token_id])
+    head = '{"name": "scale", "arguments": {"factor": '
+    for good in ("0.5", "-0.25", "10.125e-3", "1e5", "3", "-7.0E+2"):
+        parser = _feed(head + good + ', "times": 2}}')
+        assert not isinstance(parser, int) and parser.can_end(), good
+        assert json.loads(head + good + ', "times": 2}}')
+    for bad in ("1.e5", "0.E2", "-1.e-2", "2.,", "2.}"):
+        assert _feed(head + bad) == len(head) + bad.index(".") + 1, bad
+    assert _feed(head + '2, "times": 1e3') == len(head) + len('2, "times": 1')
+
+
+def test_number_walks_are_json(tiny_tokenizer) -> None:
+    """Walks that spend most of their tokens in numbers: every finished call parses and has the schema's types."""
+    grammar = CallGrammar(tiny_tokenizer, [tiny_tokenizer.eos_token_id])
+    fmt = get_tool_format("hermes")
+    decoder = grammar.decoder([NUMBERS], fmt)
+    assert decoder is not None
+    numeric = {t for t in range(len(tiny_tokenizer)) if set(tiny_tokenizer.decode([t]).strip()) <= set("-+.eE0123456789")}
+    rng, finished = random.Random(0), 0
+    for _ in range(200):
+        inside: list[int] = []
+        for _ in range(200):
+            allowed = decoder.allowed(inside)
+            if allowed is None:
+                break
+            in_numbers = [t for t in allowed if t in numeric]
+            inside.append(rng.choice(in_numbers if in_numbers and rng.random() < 0.8 else allowed))
+        else:
+            continue
+        finished += 1
+        text = tiny_tokenizer.decode(inside + decoder.close_ids)
+        parsed = fmt.parse(TOOL_CALL_OPEN + text)
+        assert not parsed.errors and len(parsed.tool_calls) == 1, text
+        args = parsed.tool_calls[0].arguments
+        assert isinstance(args["factor"], (int, float)) and isinstance(args["times"], int), text
+    assert finished >= 80
+
+
 def test_the_schema_has_one_branch_per_tool() -> None:
     schema = call_schema(TOOLS)
     assert [b["properties"]["name"]["enum"] for b in schema["anyOf"]] == [[t["name"]] for t in TOOLS]

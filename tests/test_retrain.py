@@ -3,6 +3,7 @@ kill in the middle of training that must leave the serving adapter as it was."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from model.adapter_registry import AdapterRegistry
+from model.conversation import read_conversations, write_conversations
 from model.errors import ConfigError
 from model.storage import models as m
 from model.storage.db import make_engine, session_scope
@@ -42,7 +44,7 @@ def _log_chats(url: str, tmp_path: Path, n: int, start: datetime) -> None:
 def _cfg(tmp_path: Path, tiny_model_dir: Path, **kw) -> RetrainConfig:
     overrides = parse_overrides(_tiny_recipe(tmp_path, tiny_model_dir, save_steps=100))
     overrides.pop("output_dir")
-    return RetrainConfig(recipe="training/recipes/cpu-lora.yaml", overrides=overrides, db=f"sqlite:///{tmp_path / 'chime.db'}",
+    return RetrainConfig(recipes=("training/recipes/cpu-lora.yaml",), overrides=overrides, db=f"sqlite:///{tmp_path / 'chime.db'}",
                          adapters_dir=str(tmp_path / "adapters"), logged_dir=str(tmp_path / "logged"),
                          runs_dir=str(tmp_path / "runs"), min_labels=1, heldout_min_messages=1, **kw)
 
@@ -156,3 +158,32 @@ def test_a_kill_during_training_leaves_the_serving_adapter(tmp_path: Path, tiny_
     # the next cycle starts over cleanly (the killed run's record says "training"; a new name is used)
     again = run_cycle(cfg)
     assert again.status == "promoted" and again.candidate != first.candidate
+
+
+def test_a_cycle_trains_its_stages_in_turn(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The default stages (the shipped adapter's recipe, then its tool-call phase): the second continues the
+    first's adapter, on the chats that call tools, and only the last is evaluated and promoted."""
+    from training.retrain import DEFAULT_RECIPES
+
+    convs = read_conversations("conversations/examples.jsonl")
+    assert any(m.tool_calls for c in convs for m in c.messages)
+    train = tmp_path / "stages-train.jsonl"
+    write_conversations(train, convs)
+    cfg = _cfg(tmp_path, tiny_model_dir, f1_tolerance=2.0, fi_tolerance=2.0, named_tolerance=2.0, tool_tolerance=2.0)
+    cfg = dataclasses.replace(cfg, recipes=DEFAULT_RECIPES,
+                              overrides={**cfg.overrides, "train_files": [str(train)], "source_caps": {}, "max_steps": 2})
+    _log_chats(cfg.db, tmp_path, 6, datetime(2026, 11, 1, tzinfo=timezone.utc))
+    result = run_cycle(cfg)
+    assert result.status == "promoted", result.reason
+    runs = Path(cfg.runs_dir)
+    first = runs / f"{result.candidate}-stage1"
+    card = json.loads((runs / result.candidate / "run_card.json").read_text())
+    assert card["recipe"]["name"] == result.candidate and card["recipe"]["require_tool_calls"]
+    assert card["recipe"]["init_adapter"] == str(first / "adapter")
+    assert json.loads((first / "run_card.json").read_text())["recipe"]["init_adapter"] is None
+    assert "evaluation" in card and "evaluation" not in json.loads((first / "run_card.json").read_text())
+    engine = make_engine(cfg.db)
+    with session_scope(engine) as s:
+        record = s.scalars(select(m.AdapterRecord).where(m.AdapterRecord.name == result.candidate)).one()
+        assert record.recipe == "cpu-lora+cpu-lora-tool-phase"
+    engine.dispose()

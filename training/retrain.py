@@ -1,7 +1,13 @@
 """`chime retrain`: one cycle of the retraining loop, or a schedule of them.
 
-    chime retrain [--recipe training/recipes/cpu-lora.yaml] [key=value ...]      one cycle now
-    chime retrain --every 24h                                                   a cycle every day (APScheduler)
+    chime retrain [--recipe R1 [--recipe R2 ...]] [key=value ...]      one cycle now
+    chime retrain --every 24h                                         a cycle every day (APScheduler)
+
+By default a candidate is trained the way the shipped adapter was, in two stages:
+`training/recipes/cpu-lora.yaml`, then `training/recipes/cpu-lora-tool-phase.yaml` continuing from the
+first stage's adapter. Each `--recipe` is a stage (the first replaces the default list); every stage after
+the first starts from the adapter of the one before (its `init_adapter` is set to it), and `key=value`
+overrides apply to every stage.
 
 A cycle:
 
@@ -11,8 +17,9 @@ A cycle:
    hash as the corpus (`training.corpus.split_key`);
 2. skips training when nothing changed since the last candidate (same data hash) or there are fewer than
    `--min-labels` labelled messages;
-3. trains a candidate adapter with the recipe, its training files plus the logged training part, into
-   `runs/retrain/<name>` (the serving adapter is untouched: a crash or kill here changes nothing);
+3. trains a candidate adapter with the stages in turn, each on its training files plus the logged training
+   part, into `runs/retrain/<name>` (earlier stages into `runs/retrain/<name>-stage<k>`; the serving adapter is
+   untouched: a crash or kill here changes nothing);
 4. evaluates the candidate and the serving adapter the same way on the fixed dev split (each at its
    thresholds calibrated there) and on the held-out logged slice (when it has at least
    `--heldout-min-messages` scored messages); the serving adapter's dev result is stored and reused
@@ -49,12 +56,14 @@ from model.errors import ChimeError, ConfigError
 log = logging.getLogger(__name__)
 
 METRICS = ("macro_f1", "false_interruption_rate", "addressed_recall")
+# the shipped adapter's stages (training/recipes/cpu-lora-tool-phase.yaml says how it was made)
+DEFAULT_RECIPES = ("training/recipes/cpu-lora.yaml", "training/recipes/cpu-lora-tool-phase.yaml")
 
 
 @dataclass
 class RetrainConfig:
-    recipe: str = "training/recipes/cpu-lora.yaml"
-    overrides: dict[str, Any] = field(default_factory=dict)
+    recipes: tuple[str, ...] = DEFAULT_RECIPES  # training stages; each later one continues the adapter before
+    overrides: dict[str, Any] = field(default_factory=dict)  # applied to every stage
     db: str | None = None
     adapters_dir: str | None = None  # default: model.adapter_registry.default_adapters_dir()
     logged_dir: str = "conversations/logged"
@@ -315,12 +324,15 @@ def run_cycle(cfg: RetrainConfig) -> CycleResult:
     start = time.perf_counter()
     runs = Path(cfg.runs_dir)
     with _single_instance(runs):
-        base_recipe = load_recipe(cfg.recipe, cfg.overrides)
+        if not cfg.recipes:
+            raise ConfigError("retrain: no recipe given")
+        stages = [load_recipe(path, cfg.overrides) for path in cfg.recipes]
+        recipe_names = "+".join(stage.name for stage in stages)
         registry = AdapterRegistry(cfg.adapters_dir or default_adapters_dir())
         registry.cleanup()
         train_path, heldout_path, info = export_logged(cfg)
         data_hash = hashlib.sha256(
-            f"{_hash_file(train_path)}|{_hash_file(heldout_path)}|{base_recipe.name}|{cfg.overrides}".encode()
+            f"{_hash_file(train_path)}|{_hash_file(heldout_path)}|{recipe_names}|{cfg.overrides}".encode()
         ).hexdigest()[:16]
         result = CycleResult(status="skipped", reason="", export=info)
         if info["train_labels"] < cfg.min_labels:
@@ -330,22 +342,28 @@ def run_cycle(cfg: RetrainConfig) -> CycleResult:
             result.reason = f"nothing new since the last candidate (data {data_hash})"
             return _done(result, start)
         name = base = "r" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        while (runs / name).exists() or (registry.versions_dir / name).exists():
+        while any(runs.glob(name + "*")) or (registry.versions_dir / name).exists():
             name = f"{base}-{int(name.rsplit('-', 1)[-1]) + 1 if name != base else 2}"
-        recipe = dataclasses.replace(
-            base_recipe, name=name, output_dir=str(runs / name), train_files=[*base_recipe.train_files, str(train_path)],
-            evaluate=False,
-        )
+        staged: list[Any] = []
+        for k, stage in enumerate(stages, 1):
+            stage_name = name if k == len(stages) else f"{name}-stage{k}"
+            staged.append(dataclasses.replace(
+                stage, name=stage_name, output_dir=str(runs / stage_name), train_files=[*stage.train_files, str(train_path)],
+                evaluate=False, init_adapter=str(Path(staged[-1].output_dir) / "adapter") if staged else stage.init_adapter,
+            ))
+        recipe = staged[-1]
         result.candidate = name
         serving_name, serving_path = serving_adapter(cfg, recipe)
         result.serving = serving_name
         key = dev_key(recipe)
         serving_dev = cached_dev_evaluation(cfg, serving_name, key)
-        _record(cfg, name=name, path=None, status="training", recipe=base_recipe.name, data_hash=data_hash)
+        _record(cfg, name=name, path=None, status="training", recipe=recipe_names, data_hash=data_hash)
         try:
             from training.train import save_card, train
 
-            trained = train(recipe, progress=False)
+            for stage in staged:
+                log.info("retrain: training %s (%s)", stage.name, stage.output_dir)
+                trained = train(stage, progress=False)
             remote = RemoteEvaluation(cfg) if cfg.backend == "openai" else None
             cand_remote = remote.load(name, trained.adapter_dir) if remote else None
             cand = evaluate_on(recipe, trained.adapter_dir, heldout_path, cfg.heldout_min_messages, remote=cand_remote)
@@ -440,7 +458,9 @@ def schedule(cfg: RetrainConfig, every_s: float, cycles: int | None = None) -> i
 
 def add_arguments(sub: Any) -> None:
     p = sub.add_parser("retrain", help="export logged conversations, train, evaluate and promote a better adapter")
-    p.add_argument("--recipe", default=RetrainConfig.recipe)
+    p.add_argument("--recipe", action="append", dest="recipes", metavar="RECIPE",
+                   help="a training stage; repeat for more, each continuing the adapter of the one before "
+                        f"(default: {' then '.join(DEFAULT_RECIPES)})")
     p.add_argument("overrides", nargs="*", help="key=value recipe settings")
     p.add_argument("--every", help="run on a schedule: 24h, 90m, 1d ... (first cycle now)")
     p.add_argument("--cycles", type=int, help="with --every: stop after this many cycles")
@@ -467,7 +487,7 @@ def config_from_args(args: argparse.Namespace) -> RetrainConfig:
     from training.recipe import parse_overrides
 
     return RetrainConfig(
-        recipe=args.recipe, overrides=parse_overrides(args.overrides), db=args.db, adapters_dir=args.adapters_dir,
+        recipes=tuple(args.recipes or DEFAULT_RECIPES), overrides=parse_overrides(args.overrides), db=args.db, adapters_dir=args.adapters_dir,
         logged_dir=args.logged_dir, runs_dir=args.runs_dir, min_labels=args.min_labels,
         heldout_min_messages=args.heldout_min_messages, f1_tolerance=args.f1_tolerance, fi_tolerance=args.fi_tolerance,
         named_tolerance=args.named_tolerance, tool_tolerance=args.tool_tolerance, retention_days=args.retention_days, backend=args.backend,
