@@ -221,10 +221,17 @@ def test_require_tool_calls_keeps_conversations_that_call(tmp_path):
                                            Message(role="tool", name="calculator", content="2")]),
     ]
     write_conversations(tmp_path / "mixed.jsonl", convs)
+    listed = Conversation(id="listed", tools=[{"name": "stats.mean", "description": "Mean.", "parameters": {
+        "type": "object", "properties": {"values": {"type": "array", "items": {"type": "number"}}}, "required": ["values"]}}],
+        messages=[Message(role="user", name="a", content="Chime, who wrote Dune?"),
+                  Message(role="assistant", content="Frank Herbert.")])
+    write_conversations(tmp_path / "mixed.jsonl", [*convs, listed])
     items, report = load_conversations([str(tmp_path / "*.jsonl")], require_tool_calls=True)
     assert [c.conversation.id for c in items] == ["calls"]
+    items, _ = load_conversations([str(tmp_path / "*.jsonl")], require_tool_calls=True, keep_listed_tools=True)
+    assert [c.conversation.id for c in items] == ["calls", "listed"]
     items, _ = load_conversations([str(tmp_path / "*.jsonl")])
-    assert len(items) == 2
+    assert len(items) == 3
 
 
 def test_training_continues_from_an_adapter(tmp_path, tiny_model_dir):

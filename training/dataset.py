@@ -94,10 +94,13 @@ def load_conversations(
     default_tools: Sequence[dict[str, Any]] = (),
     max_prompt_tools: int = 8,
     require_tool_calls: bool = False,
+    keep_listed_tools: bool = False,
 ) -> tuple[list[SourcedConversation], DataReport]:
     """Read, cap per source and deduplicate the conversations matched by `patterns`; give each its prompt tools.
 
-    `require_tool_calls`: keep only conversations where the bot calls a tool (before the caps apply).
+    `require_tool_calls`: keep only conversations where the bot calls a tool (before the caps apply), and with
+    `keep_listed_tools` also those that list their own functions (`tools`) even where the bot calls none: the
+    cases where no function fits, which teach not calling.
     """
     report = DataReport()
     rng = random.Random(seed)
@@ -105,7 +108,7 @@ def load_conversations(
     for path in expand_globs(patterns):
         convs = read_conversations(path, default_bot_name=bot_name)
         if require_tool_calls:
-            convs = [c for c in convs if any(m.tool_calls for m in c.messages)]
+            convs = [c for c in convs if any(m.tool_calls for m in c.messages) or (keep_listed_tools and c.tools)]
         for pat, cap in (caps or {}).items():
             if fnmatch.fnmatch(str(path), pat) and len(convs) > cap:
                 convs = rng.sample(convs, cap)

@@ -31,8 +31,10 @@ class Recipe:
     train_files: list[str] = field(default_factory=lambda: ["conversations/train/*.jsonl"])
     dev_files: list[str] = field(default_factory=lambda: ["conversations/dev/*.jsonl"])
     source_caps: dict[str, int] = field(default_factory=dict)
-    # Keep only conversations with at least one tool call (a tool-call phase on top of an adapter).
+    # Keep only conversations with at least one tool call (a tool-call phase on top of an adapter);
+    # `keep_listed_tools` also keeps those listing their own functions where none fits (answered in words).
     require_tool_calls: bool = False
+    keep_listed_tools: bool = False
     max_seq_len: int = 1024  # longer conversations are cut into windows at message boundaries
     window_context: int = 2  # messages repeated (untrained) at the start of a following window
     # Tools listed in the prompt of conversations that carry none (as the engine lists its registry),

@@ -101,7 +101,7 @@ def prepare_data(recipe: Recipe, fmt: Any) -> tuple[Any, dict[str, Any]]:
 
     items, report = load_conversations(
         recipe.train_files, recipe.source_caps, recipe.seed, recipe.bot_name, recipe_tools(recipe), recipe.max_prompt_tools,
-        recipe.require_tool_calls,
+        recipe.require_tool_calls, recipe.keep_listed_tools,
     )
     dev_ids = _dev_ids(recipe)
     leaked = sorted({i.conversation.id for i in items if i.conversation.id in dev_ids})
