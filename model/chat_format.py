@@ -83,6 +83,7 @@ INSTRUCTED_PROMPT = (
 
 _MARKER_RE = re.compile(r"\(\s*(silence|response)\s*\)", re.IGNORECASE)
 _TOOL_TAG_RE = re.compile(r"<\s*(/?)\s*(tool_call|tool_response|tool_result|tools)\s*>", re.IGNORECASE)
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 _TEMPLATE_TOKEN_RE = re.compile(r"<\|([^|<>\n]{0,40})\|>")
 
 
@@ -317,6 +318,10 @@ class ChatFormat:
     # ------------------------------------------------------------------ text hygiene
 
     def encode(self, text: str) -> list[int]:
+        if _SURROGATE_RE.search(text):
+            # a lone surrogate (a "\ud83d" escape in a file or a request) is not text a tokenizer takes: U+FFFD
+            # (a pair written as two escapes joins into its character)
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def decode(self, ids: Sequence[int]) -> str:

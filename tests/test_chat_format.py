@@ -678,3 +678,18 @@ def test_a_template_without_a_tool_role_renders_results_as_user_turns(tiny_model
     rendered = fmt.render_conversation(WITH_TOOLS)
     context = "".join(decode_raw(fmt, r) for r in runs(rendered, False))
     assert "[tool result] clock: 19:05" in context
+
+
+def test_lone_surrogates_render_as_replacement_characters(tiny_format) -> None:
+    """A "\\ud83d" escape in a conversation file or an API request reads as a lone surrogate, which no tokenizer
+    takes: it renders as U+FFFD wherever it is (the bot's text, a call's arguments, a tool result, a person)."""
+    conv = Conversation(id="s", messages=[
+        Message(role="user", name="a\ud83d", content="hi \udc00 there, Chime what's 1+1?"),
+        Message(role="assistant", tool_calls=[ToolCall("calculator", {"expression": "1+1 \ud83d"})]),
+        Message(role="tool", name="calculator", content="2 \ud83d"),
+        Message(role="assistant", content="It is 2 \ud83d\ude00 \ud83d"),
+    ])
+    rendered = tiny_format.render_conversation(conv)
+    text = tiny_format.decode(rendered.input_ids)
+    assert "\ufffd" in text and not re.search("[\ud800-\udfff]", text)
+    assert tiny_format.encode("\ud83d\ude00") == tiny_format.encode("\U0001f600")  # a pair joins into its character

@@ -202,6 +202,24 @@ def test_toolcalls_split_dedupe_and_unparsable(tmp_path: Path) -> None:
     assert [c.to_dict() for c in other] != [c.to_dict() for c in train + dev]
 
 
+def test_toolcalls_refuses_unreadable_files_with_a_reason(tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 and JSON nested past the parser's depth are a one-line error, not a traceback;
+    a record whose tools are nested too deeply is counted unparsable and the others are kept."""
+    from model.errors import ChimeError
+
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes(b'[{"conversations": [{"from": "human", "value": "caf\xe9"}]}]')  # Latin-1
+    with pytest.raises(ChimeError, match="cannot read .*utf-8"):
+        import_toolcalls(latin1)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ChimeError, match="nested too deeply"):
+        import_toolcalls(deep)
+    src = write_glaive(tmp_path, extra=[{"conversations": GLAIVE[0]["conversations"], "tools": "[" * 100_000 + "]" * 100_000}])
+    train, dev, report = import_toolcalls(src, seed=0, dev_fraction=0.0)
+    assert report.counts["unparsable"] == 1 and len(train) == len(GLAIVE)
+
+
 @pytest.mark.parametrize(
     ("text", "closing"),
     [("Thank you!", True), ("Great, thanks for the help!", True), ("Yes, it was Animal Farm. Thank you!", True),

@@ -375,8 +375,10 @@ def import_toolcalls(
     """Glaive records as group chats, split into (train, dev) by the hash of their id."""
     try:
         records = json.loads(src.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError (bytes that are not UTF-8)
         raise ChimeError(f"cannot read {src}: {e}") from e
+    except RecursionError:
+        raise ChimeError(f"cannot read {src}: JSON nested too deeply") from None
     if not isinstance(records, list):
         raise ChimeError(f"{src}: expected a JSON list of records")
     report = Report("toolcalls", {"records": len(records), "duplicates": 0, "unparsable": 0, "invalid": 0})
@@ -384,7 +386,7 @@ def import_toolcalls(
     for index, record in enumerate(records):
         try:
             messages, tools = sharegpt_messages(record)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:  # json.JSONDecodeError is a ValueError
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:  # JSONDecodeError is a ValueError
             report.add("unparsable")
             report.problems.append(f"record {index}: {type(e).__name__}: {e}")
             continue
