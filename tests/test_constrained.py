@@ -108,6 +108,7 @@ def test_a_decimal_point_needs_a_digit_after_it(tiny_tokenizer) -> None:
     for bad in ("1.e5", "0.E2", "-1.e-2", "2.,", "2.}"):
         assert _feed(head + bad) == len(head) + bad.index(".") + 1, bad
     assert _feed(head + '2, "times": 1e3') == len(head) + len('2, "times": 1')
+    assert _feed(head + '2, "times": -0.5') == len(head) + len('2, "times": -0')
 
 
 def test_number_walks_are_json(tiny_tokenizer) -> None:
