@@ -46,9 +46,10 @@ def call_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def _require_fraction_digit() -> None:
     """lm-format-enforcer 0.11.3 lets an exponent follow the decimal point (`1.e5`), which is not JSON: the call
     was closed as broken JSON (upstream noamgat/lm-format-enforcer#181, open). It also lets an integer take an
-    exponent (`0E234545`) or a fraction after "-0" (`-0.01`), which JSON reads as a float (or inf). After a decimal point only a digit may follow,
-    and integers are digits. The library builds its number states by this module-level name (also in
-    `_clone`), so the subclass takes their place once per process; everything else is the library's."""
+    exponent (`0E234545`) or a fraction after "-0" (`-0.01`), which JSON reads as a float (or inf). After a
+    decimal point only a digit may follow, and integers are digits. The library builds its number states by
+    this module-level name (also in `_clone`), so the subclass takes their place once per process; everything
+    else is the library's."""
     from lmformatenforcer import jsonschemaparser
 
     library_state = jsonschemaparser.NumberParsingState
