@@ -55,6 +55,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-mention-override", action="store_true", help="@mentions do not force a reply")
     g.add_argument("--free-tool-calls", action="store_true",
                    help="do not constrain tool calls to the tools' JSON schemas (model/constrained.py)")
+    g.add_argument("--keep-ungrounded-arguments", action="store_true",
+                   help="pass optional arguments whose values nobody said (model/grounding.py drops them)")
     g.add_argument("--tool-call-threshold", type=float,
                    help="open a tool call when P(call) >= this (default: the adapter's calibrated call gate)")
     g.add_argument("--no-tool-gate", action="store_true",
@@ -87,6 +89,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         "incremental": False if args.full_reencode else None,
         "always_answer_mentions": False if args.no_mention_override else None,
         "constrained_tool_calls": False if args.free_tool_calls else None,
+        "ground_optional_arguments": False if args.keep_ungrounded_arguments else None,
         "tool_call_threshold": args.tool_call_threshold,
         "tool_call_gate": False if args.no_tool_gate else None,
     }

@@ -47,6 +47,7 @@ from model.config import EngineConfig
 from model.constrained import CallDecoder, CallGrammar
 from model.conversation import Message, ToolCall
 from model.errors import ConfigError, ModelLoadError
+from model.grounding import GroundingContext, drop_ungrounded_optional
 from model.loading import load_model, release_memory, resolve_threshold, resolve_tool_call_threshold
 from model.runner import Runner, build_runner
 from model.tool_format import TOOL_CALL_OPEN
@@ -590,10 +591,15 @@ class Engine:
             if stream is not None:
                 stream.flush(generated)
             parsed = self.fmt.parse_reply(self.fmt.decode(generated))
+            tool_calls, errors = list(parsed.tool_calls), list(parsed.errors)
+            if tool_calls and ch.tools and self.config.ground_optional_arguments:
+                context = GroundingContext("\n".join(self.fmt.decode(t.ids) for t in ch.turns))
+                tool_calls, dropped = drop_ungrounded_optional(tool_calls, ch.tools, context)
+                errors.extend(dropped)
             return Reply(
                 text=parsed.text,
-                tool_calls=list(parsed.tool_calls),
-                errors=list(parsed.errors),
+                tool_calls=tool_calls,
+                errors=errors,
                 n_tokens=len(generated),
                 ms=(time.perf_counter() - start) * 1000,
                 p_call=p_call,

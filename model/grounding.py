@@ -1,0 +1,105 @@
+"""Grounded optional arguments: a value nobody said is not passed to a tool.
+
+Small models fill optional parameters with values invented from the schema (`flights_per_year: 500`,
+`league: "NFL"`, `units: "m"`) where the person gave none; the tool then runs with a made-up value instead
+of its default. `drop_ungrounded_optional` removes an *optional* argument whose value has nothing in
+common with the conversation so far (the people's messages, earlier tool results, the bot's own turns):
+
+    string     kept when one of its words (a run of letters or of digits: "24h" is "24" and "h") appears
+               in the conversation; words are compared on their first five characters, so "meters" is
+               grounded by "meter"
+    number     kept when the conversation holds the same number, in digits or as a common word ("three",
+               "dozen", "half"), or scaled by 100, 1,000 or a million either way (percentages,
+               thousands), or by 60 (minutes and hours)
+    array      kept when every element is grounded; an object when every value is
+    boolean    always kept: "yes" has no spelling to look for
+
+Required arguments are never touched (the schema wants them whatever they are), and a value the person
+did state in another form that none of these rules sees ("a couple" for 2, "noon" for 12:00) is lost to the tool's
+default: the price of not running tools on invented values. `EngineConfig.ground_optional_arguments`
+turns it off.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from model.conversation import ToolCall
+
+_WORD_RE = re.compile(r"[^\W\d_]+|\d+")  # runs of letters, runs of digits: "24h" is "24" and "h"
+_NUMBER_RE = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?|(?<![\w])-?\.\d+")
+_PREFIX = 5
+_SCALES = (1, 100, 1000, 60, 1e6)
+_NUMBER_WORDS = {w: float(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())} | {
+    "thirty": 30.0, "forty": 40.0, "fifty": 50.0, "hundred": 100.0, "thousand": 1000.0, "million": 1e6,
+    "dozen": 12.0, "half": 0.5, "quarter": 0.25, "once": 1.0, "twice": 2.0, "single": 1.0, "double": 2.0,
+    "triple": 3.0, "first": 1.0, "second": 2.0, "third": 3.0}  # fmt: skip
+
+
+class GroundingContext:
+    """The words and numbers of a conversation's text, for testing argument values against."""
+
+    def __init__(self, text: str) -> None:
+        lowered = text.lower()
+        words = _WORD_RE.findall(lowered)
+        self.words = {w[:_PREFIX] for w in words}
+        self.numbers = {_NUMBER_WORDS[w] for w in words if w in _NUMBER_WORDS}
+        for m in _NUMBER_RE.finditer(lowered):
+            try:
+                self.numbers.add(float(m.group().replace(",", "")))
+            except ValueError:  # pragma: no cover - the pattern only matches numbers
+                continue
+
+    def has_number(self, value: float) -> bool:
+        for n in self.numbers:
+            for s in _SCALES:
+                for candidate in (n * s, n / s):
+                    if abs(candidate - value) <= 1e-9 * max(1.0, abs(value)):
+                        return True
+        return False
+
+    def grounds(self, value: Any) -> bool:
+        if isinstance(value, bool) or value is None:
+            return True
+        if isinstance(value, (int, float)):
+            return self.has_number(float(value))
+        if isinstance(value, str):
+            words = _WORD_RE.findall(value.lower())
+            return not words or any(w[:_PREFIX] in self.words for w in words)
+        if isinstance(value, list):
+            return all(self.grounds(v) for v in value)
+        if isinstance(value, dict):
+            return all(self.grounds(v) for v in value.values())
+        return True
+
+
+def drop_ungrounded_optional(
+    calls: Sequence[ToolCall], tools: Sequence[dict[str, Any]], context: GroundingContext
+) -> tuple[list[ToolCall], list[str]]:
+    """The calls without their ungrounded optional arguments, and a note for each argument dropped.
+
+    A call to a tool that is not listed is left as it is (validation refuses it later, with its reason).
+    """
+    schemas = {t.get("name"): t for t in tools}
+    out: list[ToolCall] = []
+    notes: list[str] = []
+    for call in calls:
+        schema = schemas.get(call.name)
+        params = (schema or {}).get("parameters") or {}
+        required = set(params.get("required") or [])
+        properties = params.get("properties") or {}
+        if schema is None or not isinstance(call.arguments, dict):
+            out.append(call)
+            continue
+        kept: dict[str, Any] = {}
+        for key, value in call.arguments.items():
+            if key in properties and key not in required and not context.grounds(value):
+                notes.append(f"{call.name}: dropped optional argument {key}={value!r}: nobody said it")
+                continue
+            kept[key] = value
+        out.append(call if len(kept) == len(call.arguments) else ToolCall(name=call.name, arguments=kept))
+    return out, notes

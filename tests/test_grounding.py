@@ -1,0 +1,109 @@
+"""Grounded optional arguments (model/grounding.py): values nobody said do not reach a tool."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from model.conversation import ToolCall
+from model.engine import IncomingMessage
+from model.grounding import GroundingContext, drop_ungrounded_optional
+from model.tool_format import ParsedReply
+
+EMISSIONS = {
+    "name": "calculate_emissions",
+    "description": "CO2 a car produces in a year.",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "distance": {"type": "integer", "description": "miles driven per year"},
+            "fuel_type": {"type": "string", "description": "gas or diesel"},
+            "efficiency": {"type": "number", "description": "miles per gallon"},
+            "reduction": {"type": "integer", "description": "yearly efficiency loss in percent. Default 0."},
+            "units": {"type": "string", "description": "result units. Default 'kilograms'."},
+            "rates": {"type": "array", "items": {"type": "number"}, "description": "monthly rates"},
+            "detailed": {"type": "boolean", "description": "a breakdown. Default false."},
+        },
+        "required": ["distance", "fuel_type"],
+    },
+}
+
+
+def _drop(text: str, arguments: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    calls, notes = drop_ungrounded_optional([ToolCall("calculate_emissions", arguments)], [EMISSIONS], GroundingContext(text))
+    return calls[0].arguments, notes
+
+
+def test_invented_optional_values_are_dropped_and_said_values_kept() -> None:
+    text = "Ann: how much CO2 does my gas car make at 12,000 miles a year doing 25 MPG?"
+    args, notes = _drop(text, {"distance": 12000, "fuel_type": "gas", "efficiency": 25, "reduction": 25,
+                               "units": "tonnes"})
+    assert args == {"distance": 12000, "fuel_type": "gas", "efficiency": 25, "reduction": 25}  # 25 was said
+    assert len(notes) == 1 and "units='tonnes'" in notes[0]
+    args, notes = _drop(text, {"distance": 12000, "fuel_type": "gas", "efficiency": 31.5, "reduction": 3})
+    assert args == {"distance": 12000, "fuel_type": "gas"} and len(notes) == 2
+
+
+def test_required_arguments_are_never_dropped() -> None:
+    args, notes = _drop("Ann: what about my car?", {"distance": 500, "fuel_type": "diesel"})
+    assert args == {"distance": 500, "fuel_type": "diesel"} and notes == []
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("Bo: a 5% loss each year", 0.05),          # percentages either way
+    ("Bo: it loses 0.05 a year", 5),
+    ("Bo: about 1.5k a month", 1500),           # thousands
+    ("Bo: the trip is 90 minutes", 1.5),        # minutes and hours
+    ("Bo: -3 degrees", -3),
+    ("Bo: for the next three days", 3),         # common number words
+    ("Bo: a dozen of them", 12),
+])
+def test_numbers_are_grounded_through_common_scales(text: str, value: float) -> None:
+    args, notes = _drop(text, {"distance": 1, "fuel_type": "gas", "efficiency": value})
+    assert args["efficiency"] == value and notes == []
+
+
+@pytest.mark.parametrize(("text", "value", "kept"), [
+    ("Cy: give it in meters", "meters", True),
+    ("Cy: give it in meter", "meters", True),   # the first five characters match
+    ("Cy: in METRIC TONNES please", "metric_tonnes", True),
+    ("Cy: the time in 24 hour format", "24h", True),  # runs of letters and of digits
+    ("Cy: what does it make?", "m", False),
+    ("Cy: what does it make?", "kilograms", False),
+])
+def test_strings_are_grounded_by_their_words(text: str, value: str, kept: bool) -> None:
+    args, _ = _drop(text, {"distance": 1, "fuel_type": "gas", "units": value})
+    assert ("units" in args) is kept
+
+
+def test_arrays_need_every_element_and_booleans_always_stay() -> None:
+    text = "Di: rates were 2.5 and 3.1, show me the breakdown"
+    assert _drop(text, {"distance": 1, "fuel_type": "gas", "rates": [2.5, 3.1], "detailed": True})[0] == {
+        "distance": 1, "fuel_type": "gas", "rates": [2.5, 3.1], "detailed": True}
+    assert "rates" not in _drop(text, {"distance": 1, "fuel_type": "gas", "rates": [2.5, 4.0]})[0]
+
+
+def test_unlisted_tools_and_unknown_arguments_are_left_for_validation() -> None:
+    context = GroundingContext("Ed: hi")
+    calls, notes = drop_ungrounded_optional(
+        [ToolCall("shell", {"cmd": "rm -rf /"}), ToolCall("calculate_emissions", {"distance": 1, "bogus": 7})],
+        [EMISSIONS], context,
+    )  # fmt: skip
+    assert calls[0].arguments == {"cmd": "rm -rf /"} and calls[1].arguments == {"distance": 1, "bogus": 7}
+    assert notes == []
+
+
+@pytest.mark.parametrize("ground", [True, False])
+def test_the_engine_drops_them_from_the_reply_unless_turned_off(tiny_engine_factory, monkeypatch, ground: bool) -> None:
+    engine = tiny_engine_factory(threshold=0.0, ground_optional_arguments=ground)
+    engine.channel("c", bot_name="Chime", tools=[EMISSIONS])
+    engine.decide("c", IncomingMessage("Fay", "Chime: CO2 for 8000 miles of diesel?", addressed=True))
+    call = ToolCall("calculate_emissions", {"distance": 8000, "fuel_type": "diesel", "reduction": 40})
+    monkeypatch.setattr(engine.fmt, "parse_reply", lambda text: ParsedReply("", (call,)))
+    reply = engine.generate("c", max_new_tokens=2)
+    if ground:
+        assert reply.tool_calls == [ToolCall("calculate_emissions", {"distance": 8000, "fuel_type": "diesel"})]
+        assert reply.errors == ["calculate_emissions: dropped optional argument reduction=40: nobody said it"]
+    else:
+        assert reply.tool_calls == [call] and reply.errors == []
