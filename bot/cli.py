@@ -59,6 +59,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="pass optional arguments whose values nobody said (model/grounding.py drops them)")
     g.add_argument("--tool-call-threshold", type=float,
                    help="open a tool call when P(call) >= this (default: the adapter's calibrated call gate)")
+    g.add_argument("--tool-call-relevance-weight", type=float,
+                   help="the call gate's weight on the message's relevance to the listed tools (default: the adapter's)")
     g.add_argument("--no-tool-gate", action="store_true",
                    help="no call gate: the model itself chooses between a tool call and words")
     g.add_argument("--backend", choices=["local", "openai"], help="local model, or a remote OpenAI-compatible "
@@ -91,6 +93,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         "constrained_tool_calls": False if args.free_tool_calls else None,
         "ground_optional_arguments": False if args.keep_ungrounded_arguments else None,
         "tool_call_threshold": args.tool_call_threshold,
+        "tool_call_relevance_weight": args.tool_call_relevance_weight,
         "tool_call_gate": False if args.no_tool_gate else None,
     }
     config = load_config(EngineConfig, args.config, overrides)
@@ -470,7 +473,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from training.train import recalibrate
 
         ev = recalibrate(recipe)["evaluation"]
-        print(json.dumps({k: ev[k] for k in ("threshold", "named_threshold", "limits_met", "calibrated", "cross_validated_2fold", "tool_call_threshold", "tool_call_gate")}))
+        print(json.dumps({k: ev[k] for k in ("threshold", "named_threshold", "limits_met", "calibrated", "cross_validated_2fold", "tool_call_threshold", "tool_call_relevance_weight", "tool_call_gate")}))
         return 0
     result = train(recipe, resume=args.resume, progress=not args.quiet)
     card = result.card
@@ -506,7 +509,8 @@ def cmd_bfcl(args: argparse.Namespace) -> int:
         engine, categories, args.limit, python, args.max_prompt_tools, None if args.quiet else progress_to_stderr
     )
     summary.update(adapter=engine.adapter, model=engine.model_name, tool_format=engine.fmt.tool_format.name,
-                   tool_call_threshold=engine.tool_call_threshold, constrained_tool_calls=engine.config.constrained_tool_calls)
+                   tool_call_threshold=engine.tool_call_threshold, tool_call_relevance_weight=engine.tool_call_relevance_weight,
+                   constrained_tool_calls=engine.config.constrained_tool_calls)
     if args.details:
         write_details(args.details, details)
     if args.json:
@@ -514,7 +518,7 @@ def cmd_bfcl(args: argparse.Namespace) -> int:
     else:
         print(format_table(summary))
         print(f"{summary['seconds']} s; adapter {summary['adapter']}; tool format {summary['tool_format']}; "
-              f"call gate {summary['tool_call_threshold']}")
+              f"call gate {summary['tool_call_threshold']} (relevance weight {summary['tool_call_relevance_weight']})")
     return 0
 
 

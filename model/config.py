@@ -8,6 +8,7 @@ defaults of None mean "not given") and checks every field against its type hint.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -76,6 +77,10 @@ class EngineConfig:
     # no gate (the model's own choice) when it has none; tool_call_gate False turns the gate off.
     tool_call_threshold: float | None = None
     tool_call_gate: bool = True
+    # The call gate's weight on how much of the message the listed tools' documentation covers (its words found
+    # there, model/tool_retrieval.py `relevance`): the gate compares sigmoid(logit P(call) + weight x relevance)
+    # with the threshold. None: the adapter's calibrated weight (0 when it has none); 0: P(call) alone.
+    tool_call_relevance_weight: float | None = None
     tool_format: str = "auto"  # auto (from the chat template) | plain | hermes | llama3 | glm4
     max_prompt_tools: int = 8  # with more tools registered, list only the most relevant ones (BM25) per message
     tool_calls_per_user_per_hour: int | None = 20  # None: no limit
@@ -91,6 +96,8 @@ class EngineConfig:
             raise ConfigError(f"threshold must be between 0 and 1, got {self.threshold}")
         if self.tool_call_threshold is not None and not 0.0 <= self.tool_call_threshold <= 1.0:
             raise ConfigError(f"tool_call_threshold must be between 0 and 1, got {self.tool_call_threshold}")
+        if self.tool_call_relevance_weight is not None and not 0.0 <= self.tool_call_relevance_weight < math.inf:
+            raise ConfigError(f"tool_call_relevance_weight must be a number >= 0, got {self.tool_call_relevance_weight}")
         if self.named_threshold is not None and not 0.0 <= self.named_threshold <= 1.0:
             raise ConfigError(f"named_threshold must be between 0 and 1, got {self.named_threshold}")
         if not 0.1 <= self.context_keep_ratio <= 1.0:

@@ -48,13 +48,28 @@ from model.constrained import CallDecoder, CallGrammar
 from model.conversation import Message, ToolCall
 from model.errors import ConfigError, ModelLoadError
 from model.grounding import GroundingContext, drop_ungrounded_optional
-from model.loading import load_model, release_memory, resolve_threshold, resolve_tool_call_threshold
+from model.loading import (
+    load_model,
+    release_memory,
+    resolve_threshold,
+    resolve_tool_call_relevance_weight,
+    resolve_tool_call_threshold,
+)
 from model.runner import Runner, build_runner
 from model.tool_format import TOOL_CALL_OPEN
-from model.tool_retrieval import RETRIEVAL_MESSAGES, ToolRetriever
+from model.tool_retrieval import RETRIEVAL_MESSAGES, ToolRetriever, relevance
 from model.tools import ToolBudget, ToolRegistry, ToolResult, registry_from_names
 
 log = logging.getLogger(__name__)
+
+
+def gate_score(p_call: float, call_relevance: float | None, weight: float) -> float:
+    """What the call gate compares with its threshold: sigmoid(logit P(call) + weight x relevance), which is
+    P(call) itself at weight 0. The weight is calibrated with the threshold (`training/evaluate.py`)."""
+    if not weight or call_relevance is None:
+        return p_call
+    p = min(max(p_call, 1e-9), 1 - 1e-9)
+    return 1.0 / (1.0 + math.exp(-(math.log(p / (1 - p)) + weight * call_relevance)))
 
 
 @dataclass
@@ -106,6 +121,7 @@ class Reply:
     n_tokens: int
     ms: float
     p_call: float | None = None  # P(the reply opens with a tool call), for an answer to a person where tools are listed
+    call_relevance: float | None = None  # how much of the message the listed tools cover (the gate's second input)
 
 
 @dataclass
@@ -127,6 +143,7 @@ class Channel:
     rebuilds: int = 0
     retrieved: bool = False  # tools chosen per message from the engine's registry (more than fit the prompt)
     recent: list[str] = field(default_factory=list)  # the latest human messages: the tool retrieval query
+    last_message: str = ""  # the text of the latest message decided on: the call gate's relevance query
 
     def window_ids(self) -> list[int]:
         ids = list(self.system_ids)
@@ -219,6 +236,7 @@ class Engine:
         self._explicit_thresholds: tuple[float | None, float | None] = (config.threshold, config.named_threshold)
         # the call gate's threshold (None: no gate); `from_config` and adapter reloads resolve the adapter's
         self.tool_call_threshold: float | None = config.tool_call_threshold if config.tool_call_gate else None
+        self.tool_call_relevance_weight: float = config.tool_call_relevance_weight or 0.0
         if config.threshold is None:
             config.threshold = 0.5
         if config.named_threshold is None:
@@ -263,6 +281,7 @@ class Engine:
         engine = cls(runner, fmt, config, model_name=name)
         engine._explicit_thresholds = explicit
         engine.tool_call_threshold = resolve_tool_call_threshold(config, config.adapter)
+        engine.tool_call_relevance_weight = resolve_tool_call_relevance_weight(config, config.adapter)
         return engine
 
     # ------------------------------------------------------------------ adapter hot swap
@@ -291,6 +310,7 @@ class Engine:
                 )
             threshold, named_threshold = resolve_threshold(config, loaded.adapter)
             call_threshold = resolve_tool_call_threshold(config, loaded.adapter)
+            relevance_weight = resolve_tool_call_relevance_weight(config, loaded.adapter)
             runner = build_runner(loaded.model, dtype=loaded.dtype, device=loaded.device, consume=True)
             adapter = loaded.adapter
             del loaded
@@ -298,6 +318,7 @@ class Engine:
             self.swap_model(runner, adapter, threshold, named_threshold)
             with self._lock:
                 self.tool_call_threshold = call_threshold
+                self.tool_call_relevance_weight = relevance_weight
             log.info("engine: adapter %s (%s) loaded in %.1f s; thresholds %.3f / %.3f", adapter, self.adapter_version,
                      time.perf_counter() - start, threshold, named_threshold)
 
@@ -496,6 +517,7 @@ class Engine:
             ch = self.channel(channel_id)
             self._close_pending(ch)
             self._retrieve_tools(ch, msg.content)
+            ch.last_message = msg.content
             ids = self.fmt.human_ids(msg.name, msg.content)
             self._fit(ch, len(ids))
             ch.turns.append(_Turn("human", ids))
@@ -550,10 +572,11 @@ class Engine:
             # (the gate was calibrated on answers to people, and forcing calls there could loop to the round limit)
             first = ch.turns[-1].kind == "human"
             p_call = self._call_probability(ch, out) if first and ch.tools and self.fmt.call_open_ids else None
+            call_relevance = self._call_relevance(ch) if p_call is not None else None
             opening: list[int] = []  # the call gate's verdict: open a call, or (banned) start otherwise
             banned: int | None = None
             if p_call is not None and self.tool_call_threshold is not None:
-                if p_call >= self.tool_call_threshold:
+                if gate_score(p_call, call_relevance, self.tool_call_relevance_weight) >= self.tool_call_threshold:
                     opening = list(self.fmt.call_force_ids[:limit])
                 else:
                     banned = self.fmt.call_open_ids[0]
@@ -603,6 +626,7 @@ class Engine:
                 n_tokens=len(generated),
                 ms=(time.perf_counter() - start) * 1000,
                 p_call=p_call,
+                call_relevance=call_relevance,
             )
 
     def call_probability(self, channel_id: str) -> float | None:
@@ -616,10 +640,19 @@ class Engine:
             out, _ = self._forward(ch, header)
             return self._call_probability(ch, out)
 
+    def call_relevance(self, channel_id: str) -> float | None:
+        """How much of the latest message the channel's tools cover (`relevance`); None without tools."""
+        with self._lock:
+            ch = self.channel(channel_id)
+            return self._call_relevance(ch) if ch.tools else None
+
+    def _call_relevance(self, ch: Channel) -> float:
+        return relevance(ch.last_message, ch.tools, ignore=ch.bot_name)
+
     def _call_probability(self, ch: Channel, out: torch.Tensor) -> float:
         """P(the reply opens with a tool call): the model's probability of the format's call opening right
         after "(response)" (`out`: the output there), by teacher forcing the opening's few tokens; the cache
-        is cropped back afterwards. The call gate compares it with `tool_call_threshold`."""
+        is cropped back afterwards. The call gate compares `gate_score` of it with `tool_call_threshold`."""
         ids = self.fmt.call_open_ids
         base = self.runner.length(ch.state)
         logp = 0.0

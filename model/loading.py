@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -245,6 +246,15 @@ def resolve_tool_call_threshold(config: EngineConfig, adapter: str | None) -> fl
         return config.tool_call_threshold
     value = adapter_meta(adapter).get("tool_call_threshold")
     return float(value) if isinstance(value, (int, float)) and 0 <= value <= 1 else None
+
+
+def resolve_tool_call_relevance_weight(config: EngineConfig, adapter: str | None) -> float:
+    """The call gate's weight on the message's relevance to the listed tools: the explicit setting, else the
+    adapter's calibrated one, else 0 (P(call) alone)."""
+    if config.tool_call_relevance_weight is not None:
+        return float(config.tool_call_relevance_weight)
+    value = adapter_meta(adapter).get("tool_call_relevance_weight")
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0 else 0.0
 
 
 def release_memory() -> None:

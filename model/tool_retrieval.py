@@ -48,6 +48,28 @@ def tool_document(tool: dict[str, Any]) -> list[str]:
     return tokenize(" ".join(parts))
 
 
+def _has_numeric_parameter(tool: dict[str, Any]) -> bool:
+    params = (bare_schema(tool).get("parameters") or {}).get("properties") or {}
+    return any(isinstance(p, dict) and p.get("type") in ("number", "integer") for p in params.values())
+
+
+def relevance(query: str, tools: Sequence[dict[str, Any]], ignore: str = "") -> float:
+    """How much of a message the listed tools could be about: the share of its words (as BM25 reads them,
+    without those of `ignore`, the bot's name) found in the documentation of the tool that covers most of
+    them, a number counting as found in a tool with a numeric parameter. 0.0 for a message about something
+    none of them mentions (a question about routes with only a prime-number tool); the call gate adds it
+    to P(call) with a calibrated weight (`Engine.call_gate_score`)."""
+    skip = set(tokenize(ignore))
+    words = [w for w in tokenize(query) if w not in skip and (len(w) > 1 or w.isdigit())]  # not the s of what's
+    if not words or not tools:
+        return 0.0
+    best = 0
+    for tool in tools:
+        doc, numeric = set(tool_document(tool)), _has_numeric_parameter(tool)
+        best = max(best, sum(w in doc or (numeric and w.isdigit()) for w in words))
+    return best / len(words)
+
+
 class ToolRetriever:
     """Top-k tools for a query by BM25 over their documentation."""
 

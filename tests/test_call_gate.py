@@ -11,9 +11,10 @@ import torch
 
 from model.config import EngineConfig
 from model.conversation import Conversation, Message, ToolCall
-from model.engine import IncomingMessage
-from model.loading import resolve_tool_call_threshold
+from model.engine import IncomingMessage, gate_score
+from model.loading import resolve_tool_call_relevance_weight, resolve_tool_call_threshold
 from model.tool_format import TOOL_CALL_OPEN, get_tool_format
+from model.tool_retrieval import relevance
 from training.evaluate import EvalRow, calibrate_call_gate, call_gate_metrics, evaluate, rows_at_gate
 
 
@@ -110,8 +111,8 @@ def _row(p_call: float | None, calls: int, matched: int = 0, expected: str = "re
 def test_calibration_separates_call_answers_from_word_answers() -> None:
     rows = [_row(0.9, 1, 1), _row(0.8, 2, 1), _row(0.6, 1, 0), _row(0.3, 0), _row(0.2, 0), _row(0.65, 0),
             _row(None, 0, expected="silence")]
-    threshold, gate = calibrate_call_gate(rows)
-    assert threshold is not None and gate is not None
+    threshold, weight, gate = calibrate_call_gate(rows)
+    assert threshold is not None and gate is not None and weight == 0.0  # no relevance recorded: P(call) alone
     assert 0.3 < threshold <= 0.6
     assert gate["call_recall"] == 1.0 and gate["word_accuracy"] == pytest.approx(2 / 3)
     assert gate["auc"] == pytest.approx(8 / 9)
@@ -123,7 +124,58 @@ def test_calibration_separates_call_answers_from_word_answers() -> None:
 
 def test_no_gate_without_both_kinds_of_answer() -> None:
     assert calibrate_call_gate([_row(0.9, 1, 1), _row(0.4, 2)])[0] is None
-    assert calibrate_call_gate([_row(None, 0, expected="silence")]) == (None, None)
+    assert calibrate_call_gate([_row(None, 0, expected="silence")]) == (None, 0.0, None)
+
+
+def test_relevance_is_the_share_of_the_message_a_tool_documents() -> None:
+    primes = {"name": "prime_numbers_in_range", "description": "List the prime numbers between two integers.",
+              "parameters": {"type": "object", "properties": {"start": {"type": "integer"}, "end": {"type": "integer"}}}}
+    circle = {"name": "geometry.circle_area", "description": "Area of a circle.",
+              "parameters": {"type": "object", "properties": {"radius": {"type": "number", "description": "radius"}}}}
+    assert relevance("Chime, find the fastest route from New York to Boston", [primes], ignore="Chime") == 0.0
+    assert relevance("Chime what's the area of a circle with radius 3?", [primes, circle], ignore="Chime") == 1.0
+    assert relevance("primes between 10 and 20", [primes]) == 1.0  # numbers fill numeric parameters
+    assert relevance("primes between 10 and 20", [circle]) == 0.5  # the numbers only
+    assert relevance("", [circle]) == 0.0 and relevance("area", []) == 0.0
+
+
+def test_the_gate_score_adds_weighted_relevance_to_the_logit() -> None:
+    assert gate_score(0.3, 0.9, 0.0) == 0.3 and gate_score(0.3, None, 5.0) == 0.3
+    assert gate_score(0.5, 0.5, 2.0) == pytest.approx(1 / (1 + math.exp(-1.0)))
+    assert gate_score(0.2, 1.0, 4.0) > gate_score(0.2, 0.5, 4.0) > gate_score(0.2, 0.0, 4.0) == pytest.approx(0.2)
+    assert 0.0 < gate_score(0.0, 1.0, 8.0) < 1.0 and gate_score(1.0, 0.0, 8.0) <= 1.0
+
+
+def test_calibration_weighs_relevance_where_p_call_alone_cannot_separate() -> None:
+    rows = [_row(0.6, 1, 1), _row(0.5, 1, 1), _row(0.4, 1, 1), _row(0.6, 0), _row(0.5, 0), _row(0.4, 0)]
+    for r, rel in zip(rows, (0.8, 0.6, 0.7, 0.0, 0.1, 0.2), strict=True):
+        r.call_relevance = rel
+    threshold, weight, gate = calibrate_call_gate(rows)
+    assert gate is not None and gate["auc_p_call"] == 0.5
+    assert weight > 0 and gate["balanced_accuracy"] == 1.0 and gate["auc"] == 1.0 and gate["relevance_weight"] == weight
+    assert [r.tool_calls_matched for r in rows_at_gate(rows, threshold, weight)][:3] == [1, 1, 1]
+    assert [r.tool_calls_matched for r in rows_at_gate(rows, threshold)][:3] != [1, 1, 1]  # P(call) alone drops some
+
+
+def test_the_engine_gate_weighs_the_message_s_relevance(tiny_engine_factory, tmp_path) -> None:
+    tool = {"name": "trip_total", "description": "Total cost of a trip for a group.",
+            "parameters": {"type": "object", "properties": {"people": {"type": "integer", "description": "people"}}}}
+    engine = tiny_engine_factory(threshold=0.0, tool_call_threshold=0.999, tool_call_relevance_weight=100.0,
+                                 max_tool_rounds=0, max_new_tokens=200)
+    engine.channel("c", bot_name="Chime", tools=[tool])
+    engine.decide("c", IncomingMessage("bob", "@Chime trip total for 4 people?", addressed=True))
+    reply = engine.generate("c")
+    assert reply.call_relevance == 1.0 and reply.p_call is not None and reply.p_call < 0.999
+    assert reply.tool_calls and reply.tool_calls[0].name == "trip_total"  # relevance carried it over the threshold
+    engine.decide("c", IncomingMessage("bob", "@Chime who won the match yesterday?", addressed=True))
+    reply = engine.generate("c")
+    assert reply.call_relevance == 0.0 and reply.p_call is not None and reply.p_call < 0.999
+    assert not reply.tool_calls  # P(call) alone, below the threshold
+    assert engine.call_relevance("c") == 0.0
+    (tmp_path / "chime_adapter.json").write_text(json.dumps({"tool_call_relevance_weight": 2.5}))
+    assert resolve_tool_call_relevance_weight(EngineConfig(), str(tmp_path)) == 2.5
+    assert resolve_tool_call_relevance_weight(EngineConfig(tool_call_relevance_weight=0.0), str(tmp_path)) == 0.0
+    assert resolve_tool_call_relevance_weight(EngineConfig(), None) == 0.0
 
 
 def test_evaluation_reads_p_call_on_expected_answers(tiny_engine_factory) -> None:

@@ -120,7 +120,8 @@ def answer_entry(engine: Any, entry: dict[str, Any], max_prompt_tools: int | Non
         "question": text,
         "shown_tools": [t["name"] for t in shown],
         "p_respond": round(decision.p_respond, 4),
-        "p_call": None if reply.p_call is None else round(reply.p_call, 6),  # what the call gate compares
+        "p_call": None if reply.p_call is None else round(reply.p_call, 6),  # the call gate's inputs
+        "call_relevance": None if reply.call_relevance is None else round(reply.call_relevance, 4),
         "reply": reply.text,
         "calls": [coerce_call(c, tools) for c in reply.tool_calls],
         "parse_errors": reply.errors,

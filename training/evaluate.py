@@ -23,7 +23,7 @@ from typing import Any
 
 from model.chat_format import BotTurn
 from model.conversation import Conversation, ToolCall, scored_messages
-from model.engine import Engine, IncomingMessage, decision_rule, names_bot
+from model.engine import Engine, IncomingMessage, decision_rule, gate_score, names_bot
 
 TOOL_CALL_MAX_NEW_TOKENS = 160  # room for three calls with a few arguments each
 
@@ -46,6 +46,7 @@ class EvalRow:
     tool_calls_matched_by_result: int = 0
     response: str | None = None
     p_call: float | None = None  # P(the answer opens with a tool call), on expected answers where tools are listed
+    call_relevance: float | None = None  # how much of the message the listed tools cover, where p_call is read
 
 
 def _canonical(value: Any) -> Any:
@@ -194,7 +195,7 @@ def evaluate_conversation(engine: Engine, conv: Conversation, generate: bool = F
                     reply = engine.generate(
                         channel_id, max_new_tokens=None if generate else TOOL_CALL_MAX_NEW_TOKENS
                     )
-                    row.p_call = reply.p_call
+                    row.p_call, row.call_relevance = reply.p_call, reply.call_relevance
                     row.predicted_tool_calls = [c.to_dict() for c in reply.tool_calls]
                     row.tool_calls_matched = count_matching_calls(target.expected_tool_calls, reply.tool_calls)
                     if conv.tools:  # the file's own schemas: nothing of ours can run them
@@ -207,6 +208,7 @@ def evaluate_conversation(engine: Engine, conv: Conversation, generate: bool = F
                         row.response = reply.text
                 elif target.expected == "respond":  # the call gate is scored on every expected answer
                     row.p_call = engine.call_probability(channel_id)
+                    row.call_relevance = engine.call_relevance(channel_id)
                 rows.append(row)
             if not bot_follows:
                 engine.commit(channel_id, BotTurn(kind="silence"))
@@ -215,53 +217,70 @@ def evaluate_conversation(engine: Engine, conv: Conversation, generate: bool = F
     return rows
 
 
-def call_gate_metrics(rows: Sequence[EvalRow], threshold: float | None) -> dict[str, Any] | None:
-    """How well P(call) separates answers that should call a tool from answers in words (rows expected to be
-    answered, where the prompt listed tools), and the gate's verdicts at `threshold` (None: no gate)."""
+# The call gate's relevance weights tried in calibration (0: P(call) alone).
+RELEVANCE_WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
+
+
+def _gate_score(r: EvalRow, weight: float) -> float:
+    return gate_score(float(r.p_call or 0.0), r.call_relevance, weight)
+
+
+def call_gate_metrics(rows: Sequence[EvalRow], threshold: float | None, weight: float = 0.0) -> dict[str, Any] | None:
+    """How well the gate's score (P(call), and the message's relevance to the tools at `weight`) separates
+    answers that should call a tool from answers in words (rows expected to be answered, where the prompt
+    listed tools), and the gate's verdicts at `threshold` (None: no gate)."""
     scored = [r for r in rows if r.p_call is not None and r.expected == "respond"]
     if not scored:
         return None
     calls = [r for r in scored if r.expected_tool_calls]
     words = [r for r in scored if not r.expected_tool_calls]
+    labels = [bool(r.expected_tool_calls) for r in scored]
     out: dict[str, Any] = {
         "n_call_answers": len(calls),
         "n_word_answers": len(words),
-        "auc": roc_auc([bool(r.expected_tool_calls) for r in scored], [float(r.p_call or 0.0) for r in scored]),
+        "auc": roc_auc(labels, [_gate_score(r, weight) for r in scored]),
+        "auc_p_call": roc_auc(labels, [float(r.p_call or 0.0) for r in scored]),
+        "relevance_weight": weight,
         "threshold": threshold,
     }
     if threshold is not None:
-        recall = _ratio(sum(float(r.p_call or 0.0) >= threshold for r in calls), len(calls))
-        words_kept = _ratio(sum(float(r.p_call or 0.0) < threshold for r in words), len(words))
+        recall = _ratio(sum(_gate_score(r, weight) >= threshold for r in calls), len(calls))
+        words_kept = _ratio(sum(_gate_score(r, weight) < threshold for r in words), len(words))
         out["call_recall"] = recall  # answers that should call and open a call
         out["word_accuracy"] = words_kept  # answers that should not call and start in words
         out["balanced_accuracy"] = None if recall is None or words_kept is None else (recall + words_kept) / 2
     return out
 
 
-def calibrate_call_gate(rows: Sequence[EvalRow]) -> tuple[float | None, dict[str, Any] | None]:
-    """The gate threshold with the best balanced accuracy (calls opened vs. answers kept in words) on `rows`,
-    ties to the threshold nearer 0.5; (None, None) without both kinds of answer to learn from."""
+def calibrate_call_gate(rows: Sequence[EvalRow]) -> tuple[float | None, float, dict[str, Any] | None]:
+    """The gate's (threshold, relevance weight) with the best balanced accuracy (calls opened vs. answers kept
+    in words) on `rows`; ties to the smaller weight, then the threshold nearer 0.5. (None, 0.0, metrics)
+    without both kinds of answer to learn from."""
     gate = call_gate_metrics(rows, None)
     if gate is None or not gate["n_call_answers"] or not gate["n_word_answers"]:
-        return None, gate
-    scores = [float(r.p_call or 0.0) for r in rows if r.p_call is not None and r.expected == "respond"]
-    best: tuple[tuple[float, float], float] | None = None
-    for t in _candidates(scores, 200):
-        m = call_gate_metrics(rows, t)
-        assert m is not None
-        key = (m["balanced_accuracy"] or 0.0, -abs(t - 0.5))
-        if best is None or key > best[0]:
-            best = (key, round(t, 6))
+        return None, 0.0, gate
+    answers = [r for r in rows if r.p_call is not None and r.expected == "respond"]
+    best: tuple[tuple[float, float, float], float, float] | None = None
+    for weight in RELEVANCE_WEIGHTS:
+        if weight and all(r.call_relevance is None for r in answers):
+            break  # rows from before relevance was recorded: P(call) alone
+        for t in _candidates([_gate_score(r, weight) for r in answers], 200):
+            m = call_gate_metrics(rows, t, weight)
+            assert m is not None
+            key = (m["balanced_accuracy"] or 0.0, -weight, -abs(t - 0.5))
+            if best is None or key > best[0]:
+                best = (key, round(t, 6), weight)
     assert best is not None
-    return best[1], call_gate_metrics(rows, best[1])
+    return best[1], best[2], call_gate_metrics(rows, best[1], best[2])
 
 
-def rows_at_gate(rows: Sequence[EvalRow], threshold: float) -> list[EvalRow]:
+def rows_at_gate(rows: Sequence[EvalRow], threshold: float, weight: float = 0.0) -> list[EvalRow]:
     """Rows whose calls were generated with the call opened (tool_call_threshold 0) as the gate at
-    `threshold` would have them: an answer with P(call) below it opens no call, so its calls match nothing."""
+    (`threshold`, `weight`) would have them: an answer whose gate score is below the threshold opens no
+    call, so its calls match nothing."""
     out = []
     for r in rows:
-        if r.expected_tool_calls and r.p_call is not None and r.p_call < threshold:
+        if r.expected_tool_calls and r.p_call is not None and _gate_score(r, weight) < threshold:
             r = dataclasses.replace(r, predicted_tool_calls=[], tool_calls_matched=0, tool_calls_matched_by_result=0)
         out.append(r)
     return out
@@ -295,7 +314,7 @@ def evaluate(
             "adapter": engine.adapter,
             "elapsed_s": round(elapsed, 2),
             "decision_p50_ms": round(latencies[len(latencies) // 2], 2) if latencies else None,
-            "tool_call_gate": call_gate_metrics(rows, engine.tool_call_threshold),
+            "tool_call_gate": call_gate_metrics(rows, engine.tool_call_threshold, engine.tool_call_relevance_weight),
         }
     )
     return metrics, rows

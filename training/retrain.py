@@ -237,6 +237,7 @@ def evaluate_on(recipe: Any, adapter: str | None, heldout: Path, min_messages: i
         engine = Engine.from_config(EngineConfig(
             model=recipe.model, adapter=adapter, bot_name=recipe.bot_name, threshold=dev["threshold"],
             named_threshold=dev["named_threshold"], tool_call_threshold=dev.get("tool_call_threshold"),
+            tool_call_relevance_weight=dev.get("tool_call_relevance_weight"),
             device=recipe.device, tools=list(recipe.tools),
             tool_format=recipe.tool_format, max_prompt_tools=recipe.max_prompt_tools, temperature=0.0,
             **(remote or {}),

@@ -383,9 +383,10 @@ def evaluate_adapter(
     (thresholds fitted on half the dev conversations, scored on the other half).
 
     The call gate is calibrated the same way: expected calls are generated with the call opened
-    (tool_call_threshold 0), P(call) is read on every expected answer, and the gate's threshold is the one
-    that best separates answers that call from answers in words; tool-call accuracy is then scored as the
-    gate would have it (an answer below the threshold opens no call). `details`: a file for one JSON row
+    (tool_call_threshold 0), P(call) and the message's relevance to the listed tools are read on every
+    expected answer, and the gate's threshold and relevance weight are the pair that best separates answers
+    that call from answers in words; tool-call accuracy is then scored as the gate would have it (an answer
+    scoring below the threshold opens no call). `details`: a file for one JSON row
     per dev message, as the calibrated thresholds decide it.
     """
     from model.config import EngineConfig
@@ -427,15 +428,16 @@ def evaluate_adapter(
         "max_missed": recipe.calibration_max_missed,
         "separate_named": recipe.calibration_separate_named,
     }
-    gate_threshold, gate = calibrate_call_gate(all_rows)
+    gate_threshold, gate_weight, gate = calibrate_call_gate(all_rows)
     if gate_threshold is not None:
-        all_rows = rows_at_gate(all_rows, gate_threshold)
-        per_file = {path: rows_at_gate(rows, gate_threshold) for path, rows in per_file.items()}
+        all_rows = rows_at_gate(all_rows, gate_threshold, gate_weight)
+        per_file = {path: rows_at_gate(rows, gate_threshold, gate_weight) for path, rows in per_file.items()}
     cal = calibrate(all_rows, **limits)
     if details is not None:
         write_details(details, rows_at(all_rows, cal.threshold, aam, cal.named_threshold))
     result: dict[str, Any] = {
         "tool_call_threshold": gate_threshold,
+        "tool_call_relevance_weight": gate_weight,
         "tool_call_gate": gate,
         "threshold": cal.threshold,
         "named_threshold": cal.named_threshold,
@@ -483,6 +485,7 @@ def write_adapter_meta(adapter_dir: Path, recipe: Recipe, card: dict[str, Any]) 
         "recipe": recipe.name,
         "data_hash": card["data"]["data_hash"],
         "tool_call_threshold": ev.get("tool_call_threshold"),  # the call gate (None: none calibrated)
+        "tool_call_relevance_weight": ev.get("tool_call_relevance_weight", 0.0),
         "dev_metrics": {k: ev.get("calibrated", {}).get(k) for k in ("macro_f1", "false_interruption_rate", "missed_intervention_rate", "addressed_recall")},
     }
     (adapter_dir / ADAPTER_META).write_text(json.dumps(meta, indent=1) + "\n")
@@ -537,7 +540,11 @@ def card_markdown(card: dict[str, Any]) -> str:
                   f"{_fmt(calibrated.get('tool_call_result_accuracy'))} of {calibrated.get('n_expected_tool_calls')} expected calls."]
         gate = ev.get("tool_call_gate")
         if gate:
-            lines += ["", f"Call gate (open a call when P(call) >= {ev.get('tool_call_threshold')}): ROC AUC {_fmt(gate.get('auc'))}; "
+            weight = ev.get("tool_call_relevance_weight") or 0.0
+            rule = f"P(call) >= {ev.get('tool_call_threshold')}" if not weight else (
+                f"sigmoid(logit P(call) + {weight} x relevance) >= {ev.get('tool_call_threshold')}")
+            lines += ["", f"Call gate (open a call when {rule}): ROC AUC {_fmt(gate.get('auc'))} "
+                      f"(P(call) alone {_fmt(gate.get('auc_p_call'))}); "
                       f"{_fmt(gate.get('call_recall'))} of {gate['n_call_answers']} answers that should call open one, "
                       f"{_fmt(gate.get('word_accuracy'))} of {gate['n_word_answers']} answers in words stay in words."]
     return "\n".join(lines) + "\n"
