@@ -58,7 +58,7 @@ def relevance(query: str, tools: Sequence[dict[str, Any]], ignore: str = "") -> 
     without those of `ignore`, the bot's name) found in the documentation of the tool that covers most of
     them, a number counting as found in a tool with a numeric parameter. 0.0 for a message about something
     none of them mentions (a question about routes with only a prime-number tool); the call gate adds it
-    to P(call) with a calibrated weight (`Engine.call_gate_score`)."""
+    to P(call) with a calibrated weight (`model.engine.gate_score`)."""
     skip = set(tokenize(ignore))
     words = [w for w in tokenize(query) if w not in skip and (len(w) > 1 or w.isdigit())]  # not the s of what's
     if not words or not tools:
