@@ -57,6 +57,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="do not constrain tool calls to the tools' JSON schemas (model/constrained.py)")
     g.add_argument("--keep-ungrounded-arguments", action="store_true",
                    help="pass optional arguments whose values nobody said (model/grounding.py drops them)")
+    g.add_argument("--allow-unsaid-required", action="store_true",
+                   help="run calls whose required arguments hold numbers nobody said (model/grounding.py "
+                        "withdraws them and answers in words)")
     g.add_argument("--tool-call-threshold", type=float,
                    help="open a tool call when P(call) >= this (default: the adapter's calibrated call gate)")
     g.add_argument("--tool-call-relevance-weight", type=float,
@@ -92,6 +95,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         "always_answer_mentions": False if args.no_mention_override else None,
         "constrained_tool_calls": False if args.free_tool_calls else None,
         "ground_optional_arguments": False if args.keep_ungrounded_arguments else None,
+        "ground_required_arguments": False if args.allow_unsaid_required else None,
         "tool_call_threshold": args.tool_call_threshold,
         "tool_call_relevance_weight": args.tool_call_relevance_weight,
         "tool_call_gate": False if args.no_tool_gate else None,

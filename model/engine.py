@@ -47,7 +47,7 @@ from model.config import EngineConfig
 from model.constrained import CallDecoder, CallGrammar
 from model.conversation import Message, ToolCall
 from model.errors import ConfigError, ModelLoadError
-from model.grounding import GroundingContext, drop_ungrounded_optional
+from model.grounding import GroundingContext, drop_ungrounded_optional, withdraw_unsaid_required
 from model.loading import (
     load_model,
     release_memory,
@@ -556,6 +556,11 @@ class Engine:
         `on_text`, when given, is called with each newly decoded piece of the raw generated text as
         tokens come (for streaming); the pieces concatenate to the decoded text before parsing. An
         exception it raises stops generation and propagates (how a server abandons a disconnected stream).
+
+        Parsed calls are grounded (`model/grounding.py`): optional arguments nobody said are dropped, and a
+        call whose required argument holds a number nobody said is withdrawn. When every call is withdrawn the
+        answer is decoded again with the call opening banned, so the bot answers (or asks) in words; a
+        streamed reply has already sent its text, so it only loses the calls.
         """
         with self._lock:
             start = time.perf_counter()
@@ -564,10 +569,7 @@ class Engine:
             limit = max_new_tokens or self.config.max_new_tokens
             header = self.fmt.bot_header_ids + self.fmt.decision_prefix_ids + self.fmt.response_marker_rest_ids()
             out, _ = self._forward(ch, header)
-            generated: list[int] = []
             stream = _TextStream(self.fmt.decode, on_text) if on_text is not None else None
-            calls = self._call_decoder(ch)
-            inside: list[int] | None = None  # ids since an opened tool call's tag, while constrained
             # the gate decides the first answer to a person; after tool results the model goes on freely
             # (the gate was calibrated on answers to people, and forcing calls there could loop to the round limit)
             first = ch.turns[-1].kind == "human"
@@ -580,54 +582,92 @@ class Engine:
                     opening = list(self.fmt.call_force_ids[:limit])
                 else:
                     banned = self.fmt.call_open_ids[0]
-            while len(generated) < limit:
-                logits = self.runner.next_logits(out).clone()
-                forced: list[int] = []
-                if opening and not generated:
-                    forced = opening
-                elif inside is not None and calls is not None:
-                    allowed = calls.allowed(inside)
-                    if allowed is None:  # the call's JSON is complete: close it, decode freely again
-                        forced, inside = calls.close_ids[: limit - len(generated)], None
-                    else:
-                        masked = torch.full_like(logits, -float("inf"))
-                        masked[allowed] = logits[allowed]
-                        logits = masked
-                elif len(generated) < min_new_tokens:
-                    logits[list(self.fmt.stop_ids)] = -float("inf")
-                if banned is not None and not generated:
-                    logits[banned] = -float("inf")
-                if not forced:
-                    token = self._sample(logits)
-                    if token in self.fmt.stop_ids:
-                        break
-                    forced = [token]
-                    if inside is not None:
-                        inside.append(token)
-                generated.extend(forced)
-                if stream is not None:
-                    stream.push(generated)
-                out = self.runner.extend(ch.state, forced)
-                ch.cache_ids.extend(forced)
-                if calls is not None and inside is None and self.fmt.decode(generated[-8:]).endswith(TOOL_CALL_OPEN):
-                    inside = []
-            if stream is not None:
-                stream.flush(generated)
+            base = self.runner.length(ch.state)
+            generated = self._decode(ch, out, limit, min_new_tokens, opening, banned, stream)
             parsed = self.fmt.parse_reply(self.fmt.decode(generated))
             tool_calls, errors = list(parsed.tool_calls), list(parsed.errors)
-            if tool_calls and ch.tools and self.config.ground_optional_arguments:
-                context = GroundingContext("\n".join(self.fmt.decode(t.ids) for t in ch.turns))
-                tool_calls, dropped = drop_ungrounded_optional(tool_calls, ch.tools, context)
-                errors.extend(dropped)
+            text, n_tokens = parsed.text, len(generated)
+            if tool_calls and ch.tools:
+                context = GroundingContext(self._said(ch))
+                if self.config.ground_optional_arguments:
+                    tool_calls, dropped = drop_ungrounded_optional(tool_calls, ch.tools, context)
+                    errors.extend(dropped)
+                if self.config.ground_required_arguments:
+                    tool_calls, withdrawn = withdraw_unsaid_required(tool_calls, ch.tools, context)
+                    errors.extend(withdrawn)
+                    if withdrawn and not tool_calls and stream is None and self.fmt.call_open_ids:
+                        # every call stood on a number nobody said: answer in words instead (ask for it)
+                        self.runner.crop(ch.state, base)
+                        del ch.cache_ids[base:]
+                        again = self._decode(ch, out, limit, min_new_tokens, [], self.fmt.call_open_ids[0], None)
+                        retry = self.fmt.parse_reply(self.fmt.decode(again))
+                        text, n_tokens = retry.text, n_tokens + len(again)
+                        errors.extend(retry.errors)
             return Reply(
-                text=parsed.text,
+                text=text,
                 tool_calls=tool_calls,
                 errors=errors,
-                n_tokens=len(generated),
+                n_tokens=n_tokens,
                 ms=(time.perf_counter() - start) * 1000,
                 p_call=p_call,
                 call_relevance=call_relevance,
             )
+
+    def _decode(
+        self,
+        ch: Channel,
+        out: torch.Tensor,
+        limit: int,
+        min_new_tokens: int,
+        opening: Sequence[int],
+        banned: int | None,
+        stream: _TextStream | None,
+    ) -> list[int]:
+        """Decode the reply's tokens after "(response)" (`out`: the output there) into the channel's cache:
+        `opening` forced first (an opened call), or the `banned` token not first; inside an opened call only
+        schema-valid JSON (`model/constrained.py`)."""
+        generated: list[int] = []
+        calls = self._call_decoder(ch)
+        inside: list[int] | None = None  # ids since an opened tool call's tag, while constrained
+        while len(generated) < limit:
+            logits = self.runner.next_logits(out).clone()
+            forced: list[int] = []
+            if opening and not generated:
+                forced = list(opening)
+            elif inside is not None and calls is not None:
+                allowed = calls.allowed(inside)
+                if allowed is None:  # the call's JSON is complete: close it, decode freely again
+                    forced, inside = calls.close_ids[: limit - len(generated)], None
+                else:
+                    masked = torch.full_like(logits, -float("inf"))
+                    masked[allowed] = logits[allowed]
+                    logits = masked
+            elif len(generated) < min_new_tokens:
+                logits[list(self.fmt.stop_ids)] = -float("inf")
+            if banned is not None and not generated:
+                logits[banned] = -float("inf")
+            if not forced:
+                token = self._sample(logits)
+                if token in self.fmt.stop_ids:
+                    break
+                forced = [token]
+                if inside is not None:
+                    inside.append(token)
+            generated.extend(forced)
+            if stream is not None:
+                stream.push(generated)
+            out = self.runner.extend(ch.state, forced)
+            ch.cache_ids.extend(forced)
+            if calls is not None and inside is None and self.fmt.decode(generated[-8:]).endswith(TOOL_CALL_OPEN):
+                inside = []
+        if stream is not None:
+            stream.flush(generated)
+        return generated
+
+    def _said(self, ch: Channel) -> str:
+        """The channel's turns as text (the messages, the bot's turns, tool results; not the system header):
+        what grounding reads."""
+        return "\n".join(self.fmt.decode(t.ids) for t in ch.turns)
 
     def call_probability(self, channel_id: str) -> float | None:
         """P(the reply to the last message opens with a tool call), without generating; None when the

@@ -7,7 +7,8 @@ common with the conversation so far (the people's messages, earlier tool results
 
     string     kept when one of its words (a run of letters or of digits: "24h" is "24" and "h") appears
                in the conversation; words are compared on their first five characters, so "meters" is
-               grounded by "meter"
+               grounded by "meter", and a shorter word of three letters or more by a said word it starts
+               ("inch" by "inches")
     number     kept when the conversation holds the same number, in digits or as a common word ("three",
                "dozen", "half"), or scaled by 100, 1,000 or a million either way (percentages,
                thousands), or by 60 (minutes and hours)
@@ -29,7 +30,8 @@ from typing import Any
 from model.conversation import ToolCall
 
 _WORD_RE = re.compile(r"[^\W\d_]+|\d+")  # runs of letters, runs of digits: "24h" is "24" and "h"
-_NUMBER_RE = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?|(?<![\w])-?\.\d+")
+_NUMBER_RE = re.compile(r"(?<![\w.])-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:e[-+]?\d+(?!\w))?")
+_DIGITS_RE = re.compile(r"\d+")
 _PREFIX = 5
 _SCALES = (1, 100, 1000, 60, 1e6)
 _NUMBER_WORDS = {w: float(i) for i, w in enumerate(
@@ -47,6 +49,8 @@ class GroundingContext:
         lowered = text.lower()
         words = _WORD_RE.findall(lowered)
         self.words = {w[:_PREFIX] for w in words}
+        # shorter value words match the start of a said word ("inch" in "inches", "day" in "days")
+        self.stems = {w[:k] for w in words for k in range(3, _PREFIX) if len(w) > k}
         self.numbers = {_NUMBER_WORDS[w] for w in words if w in _NUMBER_WORDS}
         for m in _NUMBER_RE.finditer(lowered):
             try:
@@ -69,12 +73,40 @@ class GroundingContext:
             return self.has_number(float(value))
         if isinstance(value, str):
             words = _WORD_RE.findall(value.lower())
-            return not words or any(w[:_PREFIX] in self.words for w in words)
+            return not words or any(w[:_PREFIX] in self.words or w in self.stems for w in words)
         if isinstance(value, list):
             return all(self.grounds(v) for v in value)
         if isinstance(value, dict):
             return all(self.grounds(v) for v in value.values())
         return True
+
+
+    def grounds_numbers(self, value: Any) -> bool:
+        """`grounds` for the numbers in a value only: a number as `grounds` tests it, and a string by its
+        runs of digits (a date, a year: one of them said is enough; one without digits passes). A string's
+        letters are not tested here: units, time zones and names are often written in a normal form
+        nobody says ("degF" for "Fahrenheit", "Asia/Tokyo" for "Japan")."""
+        if isinstance(value, bool) or value is None:
+            return True
+        if isinstance(value, (int, float)):
+            return self.has_number(float(value))
+        if isinstance(value, str):
+            digits = _DIGITS_RE.findall(value)
+            return not digits or any(d[:_PREFIX] in self.words for d in digits)
+        if isinstance(value, list):
+            return all(self.grounds_numbers(v) for v in value)
+        if isinstance(value, dict):
+            return all(self.grounds_numbers(v) for v in value.values())
+        return True
+
+
+def _with_parameters(
+    calls: Sequence[ToolCall], tools: Sequence[dict[str, Any]]
+) -> list[tuple[ToolCall, dict[str, Any] | None]]:
+    """Each call with its tool's parameters schema; None for a tool not listed or arguments not an object."""
+    schemas = {t.get("name"): t for t in tools}
+    return [(call, (schemas[call.name].get("parameters") or {})
+             if call.name in schemas and isinstance(call.arguments, dict) else None) for call in calls]
 
 
 def drop_ungrounded_optional(
@@ -84,17 +116,14 @@ def drop_ungrounded_optional(
 
     A call to a tool that is not listed is left as it is (validation refuses it later, with its reason).
     """
-    schemas = {t.get("name"): t for t in tools}
     out: list[ToolCall] = []
     notes: list[str] = []
-    for call in calls:
-        schema = schemas.get(call.name)
-        params = (schema or {}).get("parameters") or {}
-        required = set(params.get("required") or [])
-        properties = params.get("properties") or {}
-        if schema is None or not isinstance(call.arguments, dict):
+    for call, params in _with_parameters(calls, tools):
+        if params is None:
             out.append(call)
             continue
+        required = set(params.get("required") or [])
+        properties = params.get("properties") or {}
         kept: dict[str, Any] = {}
         for key, value in call.arguments.items():
             if key in properties and key not in required and not context.grounds(value):
@@ -103,3 +132,26 @@ def drop_ungrounded_optional(
             kept[key] = value
         out.append(call if len(kept) == len(call.arguments) else ToolCall(name=call.name, arguments=kept))
     return out, notes
+
+
+def withdraw_unsaid_required(
+    calls: Sequence[ToolCall], tools: Sequence[dict[str, Any]], context: GroundingContext
+) -> tuple[list[ToolCall], list[str]]:
+    """The calls whose required arguments hold no number nobody said, and a note for each call withdrawn
+    because one does: a call that cannot run without a number nobody gave is a guess (a formula fed with
+    numbers the model made up, a date it picked), and the person should be asked instead.
+
+    Numbers are tested as `drop_ungrounded_optional` tests them, and strings by their digits only
+    (`GroundingContext.grounds_numbers`). A call to a tool that is not listed is left as it is (validation
+    refuses it later, with its reason)."""
+    kept: list[ToolCall] = []
+    notes: list[str] = []
+    for call, params in _with_parameters(calls, tools):
+        unsaid = [key for key in (params or {}).get("required") or []
+                  if key in call.arguments and not context.grounds_numbers(call.arguments[key])]
+        if not unsaid:
+            kept.append(call)
+            continue
+        values = ", ".join(f"{key}={call.arguments[key]!r}" for key in unsaid)
+        notes.append(f"{call.name}: withdrawn: nobody said its required {values}")
+    return kept, notes

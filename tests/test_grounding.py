@@ -8,7 +8,7 @@ import pytest
 
 from model.conversation import ToolCall
 from model.engine import IncomingMessage
-from model.grounding import GroundingContext, drop_ungrounded_optional
+from model.grounding import GroundingContext, drop_ungrounded_optional, withdraw_unsaid_required
 from model.tool_format import ParsedReply
 
 EMISSIONS = {
@@ -58,6 +58,7 @@ def test_required_arguments_are_never_dropped() -> None:
     ("Bo: -3 degrees", -3),
     ("Bo: for the next three days", 3),         # common number words
     ("Bo: a dozen of them", 12),
+    ("Bo: charges of 1e-9 and 2E-9", 2e-9),    # scientific notation
 ])
 def test_numbers_are_grounded_through_common_scales(text: str, value: float) -> None:
     args, notes = _drop(text, {"distance": 1, "fuel_type": "gas", "efficiency": value})
@@ -69,6 +70,9 @@ def test_numbers_are_grounded_through_common_scales(text: str, value: float) -> 
     ("Cy: give it in meter", "meters", True),   # the first five characters match
     ("Cy: in METRIC TONNES please", "metric_tonnes", True),
     ("Cy: the time in 24 hour format", "24h", True),  # runs of letters and of digits
+    ("Cy: a radius of 4 inches", "inch", True),  # a shorter word that starts a said one
+    ("Cy: a radius of 4 inches", "in", False),  # ... of three letters at least
+    ("Cy: it took days", "day", True),
     ("Cy: what does it make?", "m", False),
     ("Cy: what does it make?", "kilograms", False),
 ])
@@ -107,3 +111,58 @@ def test_the_engine_drops_them_from_the_reply_unless_turned_off(tiny_engine_fact
         assert reply.errors == ["calculate_emissions: dropped optional argument reduction=40: nobody said it"]
     else:
         assert reply.tool_calls == [call] and reply.errors == []
+
+
+def test_calls_whose_required_numbers_nobody_said_are_withdrawn() -> None:
+    context = GroundingContext("Gil: how much CO2 does my diesel van make at 12,000 miles a year since 2019?")
+    said = ToolCall("calculate_emissions", {"distance": 12000, "fuel_type": "diesel"})
+    guessed = ToolCall("calculate_emissions", {"distance": 15000, "fuel_type": "diesel"})  # a number from elsewhere
+    named = ToolCall("calculate_emissions", {"distance": 12000, "fuel_type": "petrol"})  # letters: a normal form
+    dated = ToolCall("calculate_emissions", {"distance": 12000, "fuel_type": "2022-01-01"})  # digits nobody said
+    since = ToolCall("calculate_emissions", {"distance": 12000, "fuel_type": "2019-01-01"})  # one of them said
+    unlisted = ToolCall("shell", {"cmd": "ls 42"})
+    calls, notes = withdraw_unsaid_required([said, guessed, named, dated, since, unlisted], [EMISSIONS], context)
+    assert calls == [said, named, since, unlisted]
+    assert notes == ["calculate_emissions: withdrawn: nobody said its required distance=15000",
+                     "calculate_emissions: withdrawn: nobody said its required fuel_type='2022-01-01'"]
+    # optional values are not this rule's business, and a missing required argument is validation's
+    calls, notes = withdraw_unsaid_required(
+        [ToolCall("calculate_emissions", {"distance": 12000, "fuel_type": "diesel", "reduction": 40}),
+         ToolCall("calculate_emissions", {"distance": 12000})], [EMISSIONS], context)
+    assert len(calls) == 2 and notes == []
+
+
+@pytest.mark.parametrize("ground", [True, False])
+def test_the_engine_answers_in_words_when_every_call_was_a_guess(tiny_engine_factory, monkeypatch, ground: bool) -> None:
+    """A withdrawn call leaves no call in the reply: the engine decodes again with the call opening banned."""
+    engine = tiny_engine_factory(threshold=0.0, ground_required_arguments=ground)
+    engine.channel("c", bot_name="Chime", tools=[EMISSIONS])
+    engine.decide("c", IncomingMessage("Fay", "Chime: how much CO2 does my car make?", addressed=True))
+    call = ToolCall("calculate_emissions", {"distance": 8000, "fuel_type": "diesel"})
+    real_parse = engine.fmt.parse_reply
+    parses: list[str] = []
+
+    def parse(text: str) -> ParsedReply:
+        parses.append(text)
+        return ParsedReply("", (call,)) if len(parses) == 1 else real_parse(text)
+
+    monkeypatch.setattr(engine.fmt, "parse_reply", parse)
+    decoded: list[list[int]] = []
+    real_decode = engine._decode
+
+    def spy(*args, **kwargs):
+        decoded.append(real_decode(*args, **kwargs))
+        return decoded[-1]
+
+    monkeypatch.setattr(engine, "_decode", spy)
+    reply = engine.generate("c", max_new_tokens=4)
+    if ground:
+        assert reply.tool_calls == [] and len(parses) == len(decoded) == 2
+        assert reply.errors[0] == "calculate_emissions: withdrawn: nobody said its required distance=8000"
+        first, second = decoded
+        assert first and second
+        assert second[:1] != engine.fmt.call_open_ids[:1]  # the call opening is banned the second time
+        cache = engine.channel("c").cache_ids
+        assert cache[len(cache) - len(second):] == second and reply.n_tokens == len(first) + len(second)
+    else:
+        assert reply.tool_calls == [call] and reply.errors == [] and len(parses) == 1
