@@ -66,37 +66,25 @@ class GroundingContext:
                         return True
         return False
 
-    def grounds(self, value: Any) -> bool:
+    def grounds(self, value: Any, letters: bool = True) -> bool:
+        """Whether `value` was said. `letters=False` tests only the numbers in it: a number as ever, and a
+        string by its runs of digits (a date, a year: one of them said is enough; one without digits
+        passes), not its letters: units, time zones and names are often written in a normal form nobody
+        says ("degF" for "Fahrenheit", "Asia/Tokyo" for "Japan")."""
         if isinstance(value, bool) or value is None:
             return True
         if isinstance(value, (int, float)):
             return self.has_number(float(value))
         if isinstance(value, str):
+            if not letters:
+                digits = _DIGITS_RE.findall(value)
+                return not digits or any(d[:_PREFIX] in self.words for d in digits)
             words = _WORD_RE.findall(value.lower())
             return not words or any(w[:_PREFIX] in self.words or w in self.stems for w in words)
         if isinstance(value, list):
-            return all(self.grounds(v) for v in value)
+            return all(self.grounds(v, letters) for v in value)
         if isinstance(value, dict):
-            return all(self.grounds(v) for v in value.values())
-        return True
-
-
-    def grounds_numbers(self, value: Any) -> bool:
-        """`grounds` for the numbers in a value only: a number as `grounds` tests it, and a string by its
-        runs of digits (a date, a year: one of them said is enough; one without digits passes). A string's
-        letters are not tested here: units, time zones and names are often written in a normal form
-        nobody says ("degF" for "Fahrenheit", "Asia/Tokyo" for "Japan")."""
-        if isinstance(value, bool) or value is None:
-            return True
-        if isinstance(value, (int, float)):
-            return self.has_number(float(value))
-        if isinstance(value, str):
-            digits = _DIGITS_RE.findall(value)
-            return not digits or any(d[:_PREFIX] in self.words for d in digits)
-        if isinstance(value, list):
-            return all(self.grounds_numbers(v) for v in value)
-        if isinstance(value, dict):
-            return all(self.grounds_numbers(v) for v in value.values())
+            return all(self.grounds(v, letters) for v in value.values())
         return True
 
 
@@ -142,13 +130,13 @@ def withdraw_unsaid_required(
     numbers the model made up, a date it picked), and the person should be asked instead.
 
     Numbers are tested as `drop_ungrounded_optional` tests them, and strings by their digits only
-    (`GroundingContext.grounds_numbers`). A call to a tool that is not listed is left as it is (validation
+    (`GroundingContext.grounds` with `letters=False`). A call to a tool that is not listed is left as it is (validation
     refuses it later, with its reason)."""
     kept: list[ToolCall] = []
     notes: list[str] = []
     for call, params in _with_parameters(calls, tools):
         unsaid = [key for key in (params or {}).get("required") or []
-                  if key in call.arguments and not context.grounds_numbers(call.arguments[key])]
+                  if key in call.arguments and not context.grounds(call.arguments[key], letters=False)]
         if not unsaid:
             kept.append(call)
             continue
