@@ -27,6 +27,7 @@ import ast
 import collections
 import concurrent.futures
 import datetime as dt
+import functools
 import inspect
 import math
 import operator
@@ -463,15 +464,32 @@ def current_time(timezone: str) -> str:
     Args:
         timezone: IANA zone, e.g. Europe/Berlin
     """
-    import zoneinfo
-
-    try:
-        zone = zoneinfo.ZoneInfo(timezone.strip())
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError, IsADirectoryError):
-        raise ToolError(f"unknown time zone {timezone[:60]!r}; use an IANA name like Europe/Berlin") from None
+    zone = _zone(timezone)
     now = dt.datetime.now(zone)
     offset = now.strftime("%z")
-    return f"{now:%Y-%m-%d %H:%M} ({now:%A}), {timezone.strip()}, UTC{offset[:3]}:{offset[3:]}"
+    return f"{now:%Y-%m-%d %H:%M} ({now:%A}), {zone.key}, UTC{offset[:3]}:{offset[3:]}"
+
+
+@functools.cache
+def _zone_keys() -> dict[str, str]:
+    import zoneinfo
+
+    return {key.lower(): key for key in zoneinfo.available_timezones()}
+
+
+def _zone(name: str) -> Any:
+    """The IANA zone a name means, read leniently: spaces around "/" dropped, other spaces as "_", any case.
+
+    "Asia/ Seoul", "america/new york" and "America/New_York" are the same zone; only names in the
+    system's zone database are looked up (never a path).
+    """
+    import zoneinfo
+
+    key = re.sub(r"\s+", "_", re.sub(r"\s*/\s*", "/", name.strip()))
+    key = _zone_keys().get(key.lower(), key)
+    if len(key) > 60 or key not in zoneinfo.available_timezones():
+        raise ToolError(f"unknown time zone {name[:60]!r}; use an IANA name like Europe/Berlin")
+    return zoneinfo.ZoneInfo(key)
 
 
 def builtin_tools() -> list[Tool]:

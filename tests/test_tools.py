@@ -67,6 +67,17 @@ def test_convert_units_and_current_time():
     assert "unknown time zone" in run("current_time", timezone="../../etc/passwd").content
 
 
+@pytest.mark.parametrize("written, key", [("Asia/ Seoul", "Asia/Seoul"), (" america/new york ", "America/New_York"),
+                                          ("EUROPE / BERLIN", "Europe/Berlin"), ("utc", "UTC")])
+def test_current_time_reads_zone_names_leniently(written, key):
+    assert f", {key}, UTC" in run("current_time", timezone=written).content
+
+
+@pytest.mark.parametrize("written", ["Asia/Seoul/..", "/etc/localtime", "Asia", "Europe/Berlin; rm", "x" * 80])
+def test_current_time_looks_up_only_zone_names(written):
+    assert "unknown time zone" in run("current_time", timezone=written).content
+
+
 def test_validation_coerces_losslessly_and_rejects_with_reasons():
     assert coerce("12", {"type": "integer"}, "x") == 12 and coerce(3.0, {"type": "integer"}, "x") == 3
     assert coerce("1.5e3", {"type": "number"}, "x") == 1500.0 and coerce(12, {"type": "string"}, "x") == "12"
