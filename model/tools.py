@@ -405,6 +405,17 @@ def format_number(value: float | int, digits: int = 10) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
+# signs people (and models) write for operators: 2^3, 3×4, 8÷2, and powers as superscripts (5050², 10²³)
+_OPERATOR_SIGNS = str.maketrans({"^": "**", "×": "*", "÷": "/"})
+_SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹"
+_SUPERSCRIPT_RE = re.compile(f"[{_SUPERSCRIPTS}]+")
+
+
+def _plain_operators(expression: str) -> str:
+    expression = _SUPERSCRIPT_RE.sub(lambda m: "**" + "".join(str(_SUPERSCRIPTS.index(c)) for c in m.group()), expression)
+    return expression.translate(_OPERATOR_SIGNS)
+
+
 def calculator(expression: str) -> str:
     """Evaluate an arithmetic expression exactly (+ - * / ** %, parentheses, sqrt, round, ...).
 
@@ -417,7 +428,7 @@ def calculator(expression: str) -> str:
     if len(expression) > MAX_EXPRESSION_CHARS:
         raise ToolError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
     try:
-        tree = ast.parse(expression.replace("^", "**").replace("×", "*").replace("÷", "/"), mode="eval")
+        tree = ast.parse(_plain_operators(expression), mode="eval")
     except SyntaxError:
         raise ToolError(f"not an arithmetic expression: {expression[:80]!r}") from None
     return format_number(_eval(tree))

@@ -39,7 +39,8 @@ def test_builtins_reproduce_every_result_in_the_corpus():
 @pytest.mark.parametrize(
     ("expression", "expected"),
     [("84.5*1.15/3", "32.39166667"), ("30-21", "9"), ("2**10", "1024"), ("sqrt(16)", "4"), ("round(2.675, 1)", "2.7"),
-     ("10 // 3", "3"), ("-(3)", "-3"), ("2^3", "8"), ("pi*2", "6.283185307"), ("factorial(5)", "120")],
+     ("10 // 3", "3"), ("-(3)", "-3"), ("2^3", "8"), ("pi*2", "6.283185307"), ("factorial(5)", "120"),
+     ("5050²", "25502500"), ("(1+1)³", "8"), ("3×4÷2", "6"), ("2¹⁰", "1024")],
 )
 def test_calculator(expression, expected):
     assert calculator(expression) == expected
