@@ -58,8 +58,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-ungrounded-arguments", action="store_true",
                    help="pass optional arguments whose values nobody said (model/grounding.py drops them)")
     g.add_argument("--allow-unsaid-required", action="store_true",
-                   help="run calls whose required arguments hold numbers nobody said (model/grounding.py "
-                        "withdraws them and answers in words)")
+                   help="run calls whose required arguments hold numbers nobody said, or one said number in "
+                        "several places (model/grounding.py withdraws them and answers in words)")
     g.add_argument("--tool-call-threshold", type=float,
                    help="open a tool call when P(call) >= this (default: the adapter's calibrated call gate)")
     g.add_argument("--tool-call-relevance-weight", type=float,

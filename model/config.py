@@ -72,7 +72,8 @@ class EngineConfig:
     max_tool_calls_per_turn: int = 8  # calls one bot turn may make; the rest are refused unrun
     constrained_tool_calls: bool = True  # after "<tool_call>", only JSON fitting a tool's schema (model/constrained.py)
     ground_optional_arguments: bool = True  # drop an optional argument nobody said (model/grounding.py)
-    # withdraw a call whose required argument holds a number nobody said, and answer in words (model/grounding.py)
+    # withdraw a call whose required arguments hold a number nobody said, or one said number in more places than
+    # it was said, and answer in words (model/grounding.py)
     ground_required_arguments: bool = True
     # The call gate: a reply opens with a tool call when P(call) >= this (P(call): the model's probability of the
     # call opening after "(response)"), and otherwise starts in words. None: the adapter's calibrated one, and

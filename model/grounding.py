@@ -23,6 +23,7 @@ turns it off.
 
 from __future__ import annotations
 
+import collections
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -42,6 +43,15 @@ _NUMBER_WORDS = {w: float(i) for i, w in enumerate(
     "triple": 3.0, "first": 1.0, "second": 2.0, "third": 3.0}  # fmt: skip
 
 
+def _same_number(said: float, value: float) -> bool:
+    """Whether `value` is the number `said`, as written or scaled by one of `_SCALES` either way."""
+    for s in _SCALES:
+        for candidate in (said * s, said / s):
+            if abs(candidate - value) <= 1e-9 * max(1.0, abs(value)):
+                return True
+    return False
+
+
 class GroundingContext:
     """The words and numbers of a conversation's text, for testing argument values against."""
 
@@ -51,20 +61,21 @@ class GroundingContext:
         self.words = {w[:_PREFIX] for w in words}
         # shorter value words match the start of a said word ("inch" in "inches", "day" in "days")
         self.stems = {w[:k] for w in words for k in range(3, _PREFIX) if len(w) > k}
-        self.numbers = {_NUMBER_WORDS[w] for w in words if w in _NUMBER_WORDS}
+        # every number said, as often as it was said: in digits or as a common word
+        self.mentions = [_NUMBER_WORDS[w] for w in words if w in _NUMBER_WORDS]
         for m in _NUMBER_RE.finditer(lowered):
             try:
-                self.numbers.add(float(m.group().replace(",", "")))
+                self.mentions.append(float(m.group().replace(",", "")))
             except ValueError:  # pragma: no cover - the pattern only matches numbers
                 continue
+        self.numbers = set(self.mentions)
 
     def has_number(self, value: float) -> bool:
-        for n in self.numbers:
-            for s in _SCALES:
-                for candidate in (n * s, n / s):
-                    if abs(candidate - value) <= 1e-9 * max(1.0, abs(value)):
-                        return True
-        return False
+        return any(_same_number(n, value) for n in self.numbers)
+
+    def times_said(self, value: float) -> int:
+        """How many of the numbers said are `value` (under the same scales as `has_number`)."""
+        return sum(_same_number(n, value) for n in self.mentions)
 
     def grounds(self, value: Any, letters: bool = True) -> bool:
         """Whether `value` was said. `letters=False` tests only the numbers in it: a number as ever, and a
@@ -130,16 +141,54 @@ def withdraw_unsaid_required(
     numbers the model made up, a date it picked), and the person should be asked instead.
 
     Numbers are tested as `drop_ungrounded_optional` tests them, and strings by their digits only
-    (`GroundingContext.grounds` with `letters=False`). A call to a tool that is not listed is left as it is (validation
-    refuses it later, with its reason)."""
+    (`GroundingContext.grounds` with `letters=False`). A call is also withdrawn when its required arguments
+    use one number in more places than it was said (`_reused_numbers`): the model filled a slot nobody
+    gave a value for with a number meant for another. A call to a tool that is not listed is left as it is
+    (validation refuses it later, with its reason)."""
     kept: list[ToolCall] = []
     notes: list[str] = []
     for call, params in _with_parameters(calls, tools):
-        unsaid = [key for key in (params or {}).get("required") or []
-                  if key in call.arguments and not context.grounds(call.arguments[key], letters=False)]
-        if not unsaid:
-            kept.append(call)
+        required = [key for key in (params or {}).get("required") or [] if key in call.arguments]
+        unsaid = [key for key in required if not context.grounds(call.arguments[key], letters=False)]
+        if unsaid:
+            values = ", ".join(f"{key}={call.arguments[key]!r}" for key in unsaid)
+            notes.append(f"{call.name}: withdrawn: nobody said its required {values}")
             continue
-        values = ", ".join(f"{key}={call.arguments[key]!r}" for key in unsaid)
-        notes.append(f"{call.name}: withdrawn: nobody said its required {values}")
+        reused = _reused_numbers([call.arguments[key] for key in required], context)
+        if reused:
+            values = ", ".join(f"{_number_text(v)} fills {k} required values but was said {n}" for v, k, n in reused)
+            notes.append(f"{call.name}: withdrawn: {values}")
+            continue
+        kept.append(call)
     return kept, notes
+
+
+def _numbers_in(value: Any) -> list[float]:
+    """The numbers in an argument value (in lists and objects too); strings and booleans hold none."""
+    if isinstance(value, bool) or value is None:
+        return []
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, list):
+        return [n for v in value for n in _numbers_in(v)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _numbers_in(v)]
+    return []
+
+
+def _reused_numbers(values: Sequence[Any], context: GroundingContext) -> list[tuple[float, int, int]]:
+    """(number, slots it fills, times it was said) for each number the values use more often than it was said.
+
+    A number said once is one value: `price=10, sales_tax=10` after "a 10% sales tax", or a route from
+    (5, 6) to (6, 5) after "sides 5 and 6", puts one said number into two slots. A number said twice
+    ("from 5 to 5") may fill two."""
+    used = collections.Counter(_numbers_in(list(values)))
+    out = []
+    for value, slots in used.items():
+        if slots > 1 and slots > (said := context.times_said(value)):
+            out.append((value, slots, said))
+    return out
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if value.is_integer() else str(value)

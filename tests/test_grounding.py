@@ -132,6 +132,45 @@ def test_calls_whose_required_numbers_nobody_said_are_withdrawn() -> None:
     assert len(calls) == 2 and notes == []
 
 
+PRICE = {
+    "name": "final_price",
+    "description": "Price after a discount and sales tax.",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "price": {"type": "number"},
+            "discount_rate": {"type": "number"},
+            "sales_tax": {"type": "number"},
+            "history": {"type": "array", "items": {"type": "number"}},
+            "rounding": {"type": "integer"},
+        },
+        "required": ["price", "discount_rate", "sales_tax"],
+    },
+}
+
+
+def _price(text: str, **arguments: Any) -> tuple[list[ToolCall], list[str]]:
+    return withdraw_unsaid_required([ToolCall("final_price", arguments)], [PRICE], GroundingContext(text))
+
+
+def test_a_number_said_once_fills_one_required_value() -> None:
+    text = "Ida: the price after a 25% discount and 10% sales tax?"
+    calls, notes = _price(text, price=10, discount_rate=25, sales_tax=10)  # the price was never given
+    assert calls == [] and notes == ["final_price: withdrawn: 10 fills 2 required values but was said 1"]
+    # inside lists too
+    calls, notes = _price(text, price=[25], discount_rate=25, sales_tax=10)
+    assert calls == [] and notes == ["final_price: withdrawn: 25 fills 2 required values but was said 1"]
+    # said twice, it may fill two; said once but used once more by an optional argument, it is not this rule's
+    assert _price("Ida: it's 10 dollars with a 25% discount and 10% tax", price=10, discount_rate=25, sales_tax=10)[1] == []
+    assert _price("Ida: 80 dollars, 25% off, 10% tax", price=80, discount_rate=25, sales_tax=10, rounding=10)[1] == []
+
+
+def test_times_said_counts_every_mention_under_the_same_scales() -> None:
+    context = GroundingContext("Jo: 5 apples, five pears and 500 cents, 0.05 of it and 6 more")
+    assert context.times_said(5) == 4  # 5, five, 500 / 100, 0.05 x 100
+    assert context.times_said(6) == 1 and context.times_said(7) == 0
+
+
 @pytest.mark.parametrize("ground", [True, False])
 def test_the_engine_answers_in_words_when_every_call_was_a_guess(tiny_engine_factory, monkeypatch, ground: bool) -> None:
     """A withdrawn call leaves no call in the reply: the engine decodes again with the call opening banned."""
