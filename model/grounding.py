@@ -164,11 +164,14 @@ def withdraw_unsaid_required(
 
 
 def _numbers_in(value: Any) -> list[float]:
-    """The numbers in an argument value (in lists and objects too); strings and booleans hold none."""
+    """The numbers in an argument value (in lists and objects too). A string is a number only when it is
+    one whole ("3", "1,500"): the digits inside a date or a name are not counted; booleans hold none."""
     if isinstance(value, bool) or value is None:
         return []
     if isinstance(value, (int, float)):
         return [float(value)]
+    if isinstance(value, str):
+        return [float(value.strip().replace(",", ""))] if _NUMBER_RE.fullmatch(value.strip()) else []
     if isinstance(value, list):
         return [n for v in value for n in _numbers_in(v)]
     if isinstance(value, dict):

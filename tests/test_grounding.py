@@ -160,6 +160,9 @@ def test_a_number_said_once_fills_one_required_value() -> None:
     # inside lists too
     calls, notes = _price(text, price=[25], discount_rate=25, sales_tax=10)
     assert calls == [] and notes == ["final_price: withdrawn: 25 fills 2 required values but was said 1"]
+    # a string that is a number is that number; digits inside a longer string are not counted
+    assert _price(text, price="10", discount_rate=25, sales_tax=10)[0] == []
+    assert _price(text, price="10 units", discount_rate=25, sales_tax=10)[1] == []
     # said twice, it may fill two; said once but used once more by an optional argument, it is not this rule's
     assert _price("Ida: it's 10 dollars with a 25% discount and 10% tax", price=10, discount_rate=25, sales_tax=10)[1] == []
     assert _price("Ida: 80 dollars, 25% off, 10% tax", price=80, discount_rate=25, sales_tax=10, rounding=10)[1] == []
