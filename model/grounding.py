@@ -15,10 +15,11 @@ common with the conversation so far (the people's messages, earlier tool results
     array      kept when every element is grounded; an object when every value is
     boolean    always kept: "yes" has no spelling to look for
 
-Required arguments are never touched (the schema wants them whatever they are), and a value the person
-did state in another form that none of these rules sees ("a couple" for 2, "noon" for 12:00) is lost to the tool's
-default: the price of not running tools on invented values. `EngineConfig.ground_optional_arguments`
-turns it off.
+Required arguments are never dropped (the schema wants them whatever they are): `withdraw_unsaid_required`
+withdraws a whole call whose required arguments hold a number nobody said, or one said number in more
+places than it was said. A value the person did state in another form that none of these rules sees
+("a couple" for 2, "noon" for 12:00) is lost to the tool's default: the price of not running tools on
+invented values. `EngineConfig.ground_optional_arguments` and `ground_required_arguments` turn them off.
 """
 
 from __future__ import annotations

@@ -496,9 +496,8 @@ def _zone(name: str) -> Any:
     """
     import zoneinfo
 
-    key = re.sub(r"\s+", "_", re.sub(r"\s*/\s*", "/", name.strip()))
-    key = _zone_keys().get(key.lower(), key)
-    if len(key) > 60 or key not in zoneinfo.available_timezones():
+    key = _zone_keys().get(re.sub(r"\s+", "_", re.sub(r"\s*/\s*", "/", name.strip())).lower())
+    if key is None:
         raise ToolError(f"unknown time zone {name[:60]!r}; use an IANA name like Europe/Berlin")
     return zoneinfo.ZoneInfo(key)
 
