@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import collections
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from model.conversation import ToolCall
+from model.tools import format_number
 
 _WORD_RE = re.compile(r"[^\W\d_]+|\d+")  # runs of letters, runs of digits: "24h" is "24" and "h"
 _NUMBER_RE = re.compile(r"(?<![\w.])-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:e[-+]?\d+(?!\w))?")
@@ -83,6 +84,9 @@ class GroundingContext:
         string by its runs of digits (a date, a year: one of them said is enough; one without digits
         passes), not its letters: units, time zones and names are often written in a normal form nobody
         says ("degF" for "Fahrenheit", "Asia/Tokyo" for "Japan")."""
+        return all(self._grounds_leaf(leaf, letters) for leaf in _leaves(value))
+
+    def _grounds_leaf(self, value: Any, letters: bool) -> bool:
         if isinstance(value, bool) or value is None:
             return True
         if isinstance(value, (int, float)):
@@ -93,11 +97,19 @@ class GroundingContext:
                 return not digits or any(d[:_PREFIX] in self.words for d in digits)
             words = _WORD_RE.findall(value.lower())
             return not words or any(w[:_PREFIX] in self.words or w in self.stems for w in words)
-        if isinstance(value, list):
-            return all(self.grounds(v, letters) for v in value)
-        if isinstance(value, dict):
-            return all(self.grounds(v, letters) for v in value.values())
         return True
+
+
+def _leaves(value: Any) -> Iterator[Any]:
+    """The values inside an argument value: the elements of lists and the values of objects, at any depth."""
+    if isinstance(value, list):
+        for v in value:
+            yield from _leaves(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    else:
+        yield value
 
 
 def _with_parameters(
@@ -157,27 +169,23 @@ def withdraw_unsaid_required(
             continue
         reused = _reused_numbers([call.arguments[key] for key in required], context)
         if reused:
-            values = ", ".join(f"{_number_text(v)} fills {k} required values but was said {n}" for v, k, n in reused)
+            values = ", ".join(f"{format_number(v)} fills {k} required values but was said {n}" for v, k, n in reused)
             notes.append(f"{call.name}: withdrawn: {values}")
             continue
         kept.append(call)
     return kept, notes
 
 
-def _numbers_in(value: Any) -> list[float]:
-    """The numbers in an argument value (in lists and objects too). A string is a number only when it is
-    one whole ("3", "1,500"): the digits inside a date or a name are not counted; booleans hold none."""
-    if isinstance(value, bool) or value is None:
-        return []
+def _as_number(value: Any) -> float | None:
+    """A leaf value as a number: a number, or a string that is one whole ("3", "1,500"); the digits inside
+    a date or a name are not a number, and booleans are not numbers."""
+    if isinstance(value, bool):
+        return None
     if isinstance(value, (int, float)):
-        return [float(value)]
-    if isinstance(value, str):
-        return [float(value.strip().replace(",", ""))] if _NUMBER_RE.fullmatch(value.strip()) else []
-    if isinstance(value, list):
-        return [n for v in value for n in _numbers_in(v)]
-    if isinstance(value, dict):
-        return [n for v in value.values() for n in _numbers_in(v)]
-    return []
+        return float(value)
+    if isinstance(value, str) and _NUMBER_RE.fullmatch(value.strip()):
+        return float(value.strip().replace(",", ""))
+    return None
 
 
 def _reused_numbers(values: Sequence[Any], context: GroundingContext) -> list[tuple[float, int, int]]:
@@ -186,13 +194,9 @@ def _reused_numbers(values: Sequence[Any], context: GroundingContext) -> list[tu
     A number said once is one value: `price=10, sales_tax=10` after "a 10% sales tax", or a route from
     (5, 6) to (6, 5) after "sides 5 and 6", puts one said number into two slots. A number said twice
     ("from 5 to 5") may fill two."""
-    used = collections.Counter(_numbers_in(list(values)))
+    used = collections.Counter(n for leaf in _leaves(list(values)) if (n := _as_number(leaf)) is not None)
     out = []
     for value, slots in used.items():
         if slots > 1 and slots > (said := context.times_said(value)):
             out.append((value, slots, said))
     return out
-
-
-def _number_text(value: float) -> str:
-    return str(int(value)) if value.is_integer() else str(value)
