@@ -2,6 +2,7 @@
 
     chime simulate [--script chat.txt] [--json]      the terminal simulator
     chime eval FILE.jsonl [--json] [--details OUT]   score decisions on conversation files
+    chime eval FILE.jsonl --result-answers           how faithfully answers restate tool results
     chime bench decide|generate|memory [--json]      latency, reply speed and memory benchmarks
     chime bench load [--rate 50 --seconds 60 --channels 20]   a burst through engine, dispatcher and log
     chime render FILE.jsonl [--index N]              show a rendered conversation, trained tokens marked
@@ -60,6 +61,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-unsaid-required", action="store_true",
                    help="run calls whose required arguments hold numbers nobody said, or one said number in "
                         "several places (model/grounding.py withdraws them and answers in words)")
+    g.add_argument("--free-answer-numbers", action="store_true",
+                   help="let an answer to tool results write numbers the conversation does not hold "
+                        "(model/answer_numbers.py keeps them to the results' and people's numbers)")
     g.add_argument("--tool-call-threshold", type=float,
                    help="open a tool call when P(call) >= this (default: the adapter's calibrated call gate)")
     g.add_argument("--tool-call-relevance-weight", type=float,
@@ -96,6 +100,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         "constrained_tool_calls": False if args.free_tool_calls else None,
         "ground_optional_arguments": False if args.keep_ungrounded_arguments else None,
         "ground_required_arguments": False if args.allow_unsaid_required else None,
+        "ground_answer_numbers": False if args.free_answer_numbers else None,
         "tool_call_threshold": args.tool_call_threshold,
         "tool_call_relevance_weight": args.tool_call_relevance_weight,
         "tool_call_gate": False if args.no_tool_gate else None,
@@ -208,6 +213,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for path in args.file:
         convs = read_conversations(path, default_bot_name=config.bot_name)
         conversations.extend(convs[: args.limit] if args.limit is not None else convs)
+    if args.result_answers:
+        return _eval_result_answers(config, conversations, args)
     runs = {"model": _eval_run(config, conversations, args)}
     if args.baseline:
         import dataclasses
@@ -230,6 +237,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _print_metrics(runs["model"][0])
     else:
         _print_side_by_side({name: m for name, (m, _) in runs.items()})
+    return 0
+
+
+def _eval_result_answers(config: Any, conversations: list[Any], args: argparse.Namespace) -> int:
+    """`chime eval --result-answers`: the engine's answers to the files' tool results, and the numbers they state."""
+    import time
+
+    from tqdm import tqdm
+
+    from model.engine import Engine
+    from training.evaluate import evaluate_result_answers, result_answer_metrics, write_details
+
+    if args.baseline or args.report or args.generate:
+        raise ChimeError("--result-answers scores answers to tool results alone: without --baseline, --report or --generate")
+    engine = Engine.from_config(config)
+    rows = []
+    start = time.perf_counter()
+    for conv in tqdm(conversations, unit="conv", desc="result answers", file=sys.stderr, disable=args.quiet):
+        rows.extend(evaluate_result_answers(engine, conv))
+    metrics = result_answer_metrics(rows)
+    metrics.update({"file": ", ".join(args.file), "model": engine.model_name, "adapter": engine.adapter,
+                    "ground_answer_numbers": config.ground_answer_numbers,
+                    "elapsed_s": round(time.perf_counter() - start, 2)})
+    if args.details:
+        write_details(args.details, rows)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        _print_metrics(metrics)
     return 0
 
 
@@ -558,6 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate only the first N conversations of each file")
     p.add_argument("--details", help="write one JSON row per scored message to this file")
     p.add_argument("--generate", action="store_true", help="also generate the replies where the bot speaks")
+    p.add_argument("--result-answers", action="store_true",
+                   help="score the answers to the files' tool results instead of decisions: whether they state the "
+                        "results' numbers, and how many write a number the conversation does not hold")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_engine_args(p)
     p.set_defaults(func=cmd_eval)

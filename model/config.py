@@ -75,6 +75,9 @@ class EngineConfig:
     # withdraw a call whose required arguments hold a number nobody said, or one said number in more places than
     # it was said, and answer in words (model/grounding.py)
     ground_required_arguments: bool = True
+    # in an answer to tool results, write only numbers the conversation holds, as said or rounded, grouped, ...
+    # (model/answer_numbers.py; local backend)
+    ground_answer_numbers: bool = True
     # The call gate: a reply opens with a tool call when P(call) >= this (P(call): the model's probability of the
     # call opening after "(response)"), and otherwise starts in words. None: the adapter's calibrated one, and
     # no gate (the model's own choice) when it has none; tool_call_gate False turns the gate off.

@@ -70,27 +70,33 @@ def _require_fraction_digit() -> None:
     jsonschemaparser.NumberParsingState = NumberParsingState
 
 
-class CallGrammar:
-    """The tokenizer side, built once: which text each token adds (what lm-format-enforcer needs)."""
+def token_texts(tokenizer: Any) -> list[tuple[int, str, bool]]:
+    """(id, the text the token adds to a text, whether that text starts a new word) for every regular token:
+    special tokens and pieces of a multi-byte character (whose text depends on their neighbours) left out.
+    Each token is decoded after "0", which keeps a leading space that decoding a token alone may drop."""
+    special = set(tokenizer.all_special_ids)
+    zero = tokenizer.encode("0", add_special_tokens=False)[-1]
+    out = []
+    for i in range(len(tokenizer)):
+        if i in special:
+            continue
+        after_zero = tokenizer.decode([zero, i])[1:]
+        if "\ufffd" not in after_zero:
+            out.append((i, after_zero, len(after_zero) > len(tokenizer.decode([i]))))
+    return out
 
-    def __init__(self, tokenizer: Any, stop_ids: Iterable[int]):
+
+class CallGrammar:
+    """The tokenizer side, built once: which text each token adds (what lm-format-enforcer needs). A
+    piece of a multi-byte character is left out: the character automaton cannot follow it (it could end in a
+    dead state mid-string); whole-character tokens remain."""
+
+    def __init__(self, tokenizer: Any, stop_ids: Iterable[int], texts: Sequence[tuple[int, str, bool]] | None = None):
         from lmformatenforcer.tokenenforcer import TokenEnforcerTokenizerData
 
         _require_fraction_digit()
         self.tokenizer = tokenizer
-        special = set(tokenizer.all_special_ids)
-        zero = tokenizer.encode("0", add_special_tokens=False)[-1]
-        regular = []
-        for i in range(len(tokenizer)):
-            if i in special:
-                continue
-            # decoded after "0" keeps a leading space that decoding a token alone may drop
-            after_zero = tokenizer.decode([zero, i])[1:]
-            if "\ufffd" in after_zero:
-                # a piece of a multi-byte character: its text depends on its neighbours, which the character
-                # automaton cannot follow (it could end in a dead state mid-string); whole-character tokens remain
-                continue
-            regular.append((i, after_zero, len(after_zero) > len(tokenizer.decode([i]))))
+        regular = list(texts if texts is not None else token_texts(tokenizer))
         self.end_id = min(stop_ids)  # the automaton's "complete" signal; never generated inside a call
         self.data = TokenEnforcerTokenizerData(regular, self._decode, self.end_id, False, len(tokenizer))
         # lm-format-enforcer 0.11 lets an object or array close right after a comma ({"a": 1,}); not JSON

@@ -42,9 +42,10 @@ from typing import Any, Literal
 import torch
 
 from model.adapter_registry import adapter_version
+from model.answer_numbers import AnswerNumbers, NumberTokens
 from model.chat_format import BotTurn, ChatFormat
 from model.config import EngineConfig
-from model.constrained import CallDecoder, CallGrammar
+from model.constrained import CallDecoder, CallGrammar, token_texts
 from model.conversation import Message, ToolCall
 from model.errors import ConfigError, ModelLoadError
 from model.grounding import GroundingContext, drop_ungrounded_optional, withdraw_unsaid_required
@@ -246,6 +247,8 @@ class Engine:
         self.adapter_version = adapter_version(config.adapter)  # which adapter decided, for logs
         self._reload_lock = threading.Lock()  # one adapter load at a time
         self._call_grammar: CallGrammar | None = None  # built on the first constrained call (same tokenizer after swaps)
+        self._token_texts: list[tuple[int, str, bool]] | None = None  # each token's text, for both
+        self._number_tokens: NumberTokens | None = None  # built on the first answer to tool results
         self._channels: dict[str, Channel] = {}
         self._lock = threading.RLock()
         self._generator = torch.Generator()
@@ -573,6 +576,7 @@ class Engine:
             # the gate decides the first answer to a person; after tool results the model goes on freely
             # (the gate was calibrated on answers to people, and forcing calls there could loop to the round limit)
             first = ch.turns[-1].kind == "human"
+            numbers = None if first else self._answer_numbers(ch)
             p_call = self._call_probability(ch, out) if first and ch.tools and self.fmt.call_open_ids else None
             call_relevance = self._call_relevance(ch) if p_call is not None else None
             opening: list[int] = []  # the call gate's verdict: open a call, or (banned) start otherwise
@@ -583,7 +587,7 @@ class Engine:
                 else:
                     banned = self.fmt.call_open_ids[0]
             base = self.runner.length(ch.state)
-            generated = self._decode(ch, out, limit, min_new_tokens, opening, banned, stream)
+            generated = self._decode(ch, out, limit, min_new_tokens, opening, banned, stream, numbers)
             parsed = self.fmt.parse_reply(self.fmt.decode(generated))
             tool_calls, errors = list(parsed.tool_calls), list(parsed.errors)
             text, n_tokens = parsed.text, len(generated)
@@ -599,7 +603,7 @@ class Engine:
                         # every call stood on a number nobody said: answer in words instead (ask for it)
                         self.runner.crop(ch.state, base)
                         del ch.cache_ids[base:]
-                        again = self._decode(ch, out, limit, min_new_tokens, [], self.fmt.call_open_ids[0], None)
+                        again = self._decode(ch, out, limit, min_new_tokens, [], self.fmt.call_open_ids[0], None, numbers)
                         retry = self.fmt.parse_reply(self.fmt.decode(again))
                         text, n_tokens = retry.text, n_tokens + len(again)
                         errors.extend(retry.errors)
@@ -622,10 +626,12 @@ class Engine:
         opening: Sequence[int],
         banned: int | None,
         stream: _TextStream | None,
+        numbers: AnswerNumbers | None = None,
     ) -> list[int]:
         """Decode the reply's tokens after "(response)" (`out`: the output there) into the channel's cache:
         `opening` forced first (an opened call), or the `banned` token not first; inside an opened call only
-        schema-valid JSON (`model/constrained.py`)."""
+        schema-valid JSON (`model/constrained.py`); outside calls, with `numbers`, only numbers the
+        conversation holds (`model/answer_numbers.py`)."""
         generated: list[int] = []
         calls = self._call_decoder(ch)
         inside: list[int] | None = None  # ids since an opened tool call's tag, while constrained
@@ -646,6 +652,10 @@ class Engine:
                 logits[list(self.fmt.stop_ids)] = -float("inf")
             if banned is not None and not generated:
                 logits[banned] = -float("inf")
+            if numbers is not None and inside is None and not forced:
+                mask = numbers.banned(self.fmt.decode(generated))
+                if mask is not None:
+                    logits[: mask.shape[0]][mask[: logits.shape[0]]] = -float("inf")
             if not forced:
                 token = self._sample(logits)
                 if token in self.fmt.stop_ids:
@@ -663,6 +673,11 @@ class Engine:
         if stream is not None:
             stream.flush(generated)
         return generated
+
+    def said(self, channel_id: str) -> str:
+        """The channel's turns as text, as grounding and the answer-number rule read them."""
+        with self._lock:
+            return self._said(self.channel(channel_id))
 
     def _said(self, ch: Channel) -> str:
         """The channel's turns as text (the messages, the bot's turns, tool results; not the system header):
@@ -710,8 +725,23 @@ class Engine:
         if not (self.config.constrained_tool_calls and ch.tools) or self.config.backend != "local":
             return None
         if self._call_grammar is None:
-            self._call_grammar = CallGrammar(self.fmt.tokenizer, self.fmt.stop_ids)
+            self._call_grammar = CallGrammar(self.fmt.tokenizer, self.fmt.stop_ids, self._texts())
         return self._call_grammar.decoder(ch.tools, self.fmt.tool_format)
+
+    def _texts(self) -> list[tuple[int, str, bool]]:
+        if self._token_texts is None:
+            self._token_texts = token_texts(self.fmt.tokenizer)
+        return self._token_texts
+
+    def _answer_numbers(self, ch: Channel) -> AnswerNumbers | None:
+        """The number rule for an answer to tool results (`model/answer_numbers.py`), when on. Not for a
+        remote backend, for the reason `_call_decoder` gives."""
+        if not self.config.ground_answer_numbers or self.config.backend != "local":
+            return None
+        if self._number_tokens is None:
+            size = len(self.fmt.tokenizer)
+            self._number_tokens = NumberTokens([(i, text) for i, text, _ in self._texts()], size)
+        return AnswerNumbers(self._number_tokens, self._said(ch))
 
     def _sample(self, logits: torch.Tensor) -> int:
         if self.config.temperature <= 0:

@@ -37,7 +37,7 @@ _NUMBER_RE = re.compile(r"(?<![\w.])-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:e[-+]
 _DIGITS_RE = re.compile(r"\d+")
 _PREFIX = 5
 _SCALES = (1, 100, 1000, 60, 1e6)
-_NUMBER_WORDS = {w: float(i) for i, w in enumerate(
+NUMBER_WORDS = {w: float(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty".split())} | {
     "thirty": 30.0, "forty": 40.0, "fifty": 50.0, "hundred": 100.0, "thousand": 1000.0, "million": 1e6,
@@ -64,7 +64,7 @@ class GroundingContext:
         # shorter value words match the start of a said word ("inch" in "inches", "day" in "days")
         self.stems = {w[:k] for w in words for k in range(3, _PREFIX) if len(w) > k}
         # every number said, as often as it was said: in digits or as a common word
-        self.mentions = [_NUMBER_WORDS[w] for w in words if w in _NUMBER_WORDS]
+        self.mentions = [NUMBER_WORDS[w] for w in words if w in NUMBER_WORDS]
         for m in _NUMBER_RE.finditer(lowered):
             try:
                 self.mentions.append(float(m.group().replace(",", "")))

@@ -145,3 +145,15 @@ def test_eval_limit_and_errors(capsys, tiny_model_dir: Path, handmade_file: Path
     code = main(["eval", str(bad), "--json", "--model", str(tiny_model_dir)])
     assert code == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def test_eval_command_result_answers(capsys, tiny_model_dir: Path, handmade_file: Path, tmp_path: Path) -> None:
+    details = tmp_path / "answers.jsonl"
+    m = _eval(capsys, tiny_model_dir, handmade_file, "--result-answers", "--max-new-tokens", "6", "--details", str(details))
+    # one answer follows a tool result ("4" after 2+2), and it states the result's number
+    assert m["n_result_answers"] == m["n_with_result_numbers"] == 1 and m["ground_answer_numbers"] is True
+    assert 0.0 <= m["result_numbers_stated"] <= 1.0 and m["answers_with_unsaid_numbers"] in (0.0, 1.0)
+    (row,) = [json.loads(line) for line in details.read_text().splitlines()]
+    assert row["results"] == "4" and row["result_numbers"] == ["4"] and row["expected"] == "4"
+    assert main(["eval", str(handmade_file), "--result-answers", "--baseline", "--model", str(tiny_model_dir)]) == 2
+    assert "--result-answers" in capsys.readouterr().err

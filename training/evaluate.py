@@ -18,9 +18,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from model.answer_numbers import number_forms, number_runs
 from model.chat_format import BotTurn
 from model.conversation import Conversation, ToolCall, scored_messages
 from model.engine import Engine, IncomingMessage, decision_rule, gate_score, names_bot
@@ -215,6 +217,96 @@ def evaluate_conversation(engine: Engine, conv: Conversation, generate: bool = F
     finally:
         engine.reset(channel_id)
     return rows
+
+
+@dataclass
+class ResultAnswerRow:
+    """One answer to tool results: the file's and the engine's, with the numbers each states."""
+
+    conversation_id: str | None
+    index: int
+    results: str  # the tool results it answers, one per line
+    expected: str
+    response: str
+    result_numbers: list[str]  # numbers of the expected answer that come from the results (in one of their forms)
+    stated: bool | None  # the response states every one of them (None: the expected answer states none)
+    unsaid_numbers: list[str]  # numbers of the response the conversation does not hold in any form
+    ms: float
+
+
+def _same_number(expected: str, said: str) -> bool:
+    """Whether `said` states the number `expected`: the same, up to grouping and leading zeros, or the same
+    once both are rounded to the fewer decimal places of the two ("78" states 78.33, "39.11" states 39.1)."""
+    if expected == said:
+        return True
+    if ":" in expected or ":" in said:  # times: part by part, leading zeros aside
+        a, b = expected.split(":"), said.split(":")
+        return len(a) == len(b) and all(x.lstrip("0") == y.lstrip("0") for x, y in zip(a, b, strict=True))
+    try:
+        x, y = Decimal(expected.replace(",", "")), Decimal(said.replace(",", ""))
+    except InvalidOperation:
+        return False
+    places = min(max(0, -int(x.as_tuple().exponent)), max(0, -int(y.as_tuple().exponent)))
+    step = Decimal(1).scaleb(-places)
+    return x.quantize(step, rounding=ROUND_HALF_UP) == y.quantize(step, rounding=ROUND_HALF_UP)
+
+
+def evaluate_result_answers(engine: Engine, conv: Conversation, max_new_tokens: int | None = None) -> list[ResultAnswerRow]:
+    """Replay one conversation and, at every bot answer that follows tool results, generate the engine's own
+    answer to the same history (the file's calls and results) and compare the numbers it states."""
+    channel_id = f"eval-results:{conv.id}:{uuid.uuid4().hex[:8]}"
+    engine.channel(channel_id, bot_name=conv.bot_name or engine.config.bot_name, tools=conv.tools or None)
+    rows: list[ResultAnswerRow] = []
+    try:
+        for i, msg in enumerate(conv.messages):
+            if msg.role == "assistant" and i and conv.messages[i - 1].role == "tool":
+                results = []
+                for prev in reversed(conv.messages[:i]):
+                    if prev.role != "tool":
+                        break
+                    results.insert(0, prev.content)
+                said = engine.said(channel_id)
+                start = time.perf_counter()
+                reply = engine.generate(channel_id, max_new_tokens=max_new_tokens)
+                ms = (time.perf_counter() - start) * 1000
+                result_forms = number_forms("\n".join(results))
+                expected = [n for n in number_runs(msg.content) if n in result_forms]
+                stated = number_runs(reply.text)
+                said_forms = number_forms(said)
+                rows.append(ResultAnswerRow(
+                    conversation_id=conv.id,
+                    index=i,
+                    results="\n".join(results),
+                    expected=msg.content,
+                    response=reply.text,
+                    result_numbers=expected,
+                    stated=all(any(_same_number(e, n) for n in stated) for e in expected) if expected else None,
+                    unsaid_numbers=[n for n in stated if n not in said_forms],
+                    ms=ms,
+                ))
+            if msg.role == "user":
+                engine.add_human(channel_id, msg.name or "", msg.content)
+                if not (i + 1 < len(conv.messages) and conv.messages[i + 1].role == "assistant"):
+                    engine.commit(channel_id, BotTurn(kind="silence"))
+            else:
+                engine.add_message(channel_id, msg)
+    finally:
+        engine.reset(channel_id)
+    return rows
+
+
+def result_answer_metrics(rows: Sequence[ResultAnswerRow]) -> dict[str, Any]:
+    """How faithfully answers restate tool results: the share that state every number the expected answer takes
+    from the results, and the share that write a number the conversation does not hold."""
+    judged = [r for r in rows if r.stated is not None]
+    ms = sorted(r.ms for r in rows)
+    return {
+        "n_result_answers": len(rows),
+        "n_with_result_numbers": len(judged),
+        "result_numbers_stated": _ratio(sum(bool(r.stated) for r in judged), len(judged)),
+        "answers_with_unsaid_numbers": _ratio(sum(bool(r.unsaid_numbers) for r in rows), len(rows)),
+        "answer_p50_ms": round(ms[len(ms) // 2], 1) if ms else None,
+    }
 
 
 # The call gate's relevance weights tried in calibration (0: P(call) alone).
