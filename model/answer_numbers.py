@@ -169,16 +169,11 @@ class AnswerNumbers:
         when none may (a number begun before the rule applied, which it cannot finish)."""
         m = _OPEN_RUN_RE.search(text)
         before = m.group() if m else ""
-        mask = torch.zeros(self.tokens.size, dtype=torch.bool)
-        if before:
-            if before.rstrip(SEPARATORS) not in self.forms:
-                mask |= self.tokens.others
-            for i, piece in self.tokens.separators:
-                if not self.fits(before + piece):
-                    mask[i] = True
-        for i, piece in self.tokens.digits:
-            if not self.fits(before + piece):
-                mask[i] = True
-        if not mask.any() or mask.all():
+        candidates = self.tokens.digits + self.tokens.separators if before else self.tokens.digits
+        unfit = [i for i, piece in candidates if not self.fits(before + piece)]
+        ends = bool(before) and before.rstrip(SEPARATORS) not in self.forms  # a token that ends the number here
+        if not unfit and not ends:
             return None
-        return mask
+        mask = self.tokens.others.clone() if ends else torch.zeros(self.tokens.size, dtype=torch.bool)
+        mask[unfit] = True
+        return None if bool(mask.all()) else mask
