@@ -563,7 +563,8 @@ class Engine:
         Parsed calls are grounded (`model/grounding.py`): optional arguments nobody said are dropped, and a
         call whose required argument holds a number nobody said is withdrawn. When every call is withdrawn the
         answer is decoded again with the call opening banned, so the bot answers (or asks) in words; a
-        streamed reply has already sent its text, so it only loses the calls.
+        streamed reply has already sent its text, so it only loses the calls. An answer to tool results writes
+        only numbers the conversation holds (`model/answer_numbers.py`).
         """
         with self._lock:
             start = time.perf_counter()
