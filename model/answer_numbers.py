@@ -16,7 +16,9 @@ Decoding enforces it token by token, like the call grammar (`model/constrained.p
 in a number, the next token may go on only toward one of those forms, and may end the number only where it
 is one; a number may start only as one of them starts. A number is a run of digits with ".", "," or ":"
 inside ("25,502,500", "09:04"); a separator after its last digit ends it ("86." ends a sentence). Numbers
-inside a tool call are the call grammar's to check, not these rules'.
+inside a tool call are not these rules' (a new call may compute: "84.5*0.15"); tool formats whose calls
+open with no tag (Llama-3 JSON, GLM-4) are left free, since a call cannot be told from words while it is
+being written.
 
 The price: a number the bot would work out itself ("190 minutes" from 3.1667 hours) cannot be written; it
 calls the calculator again, or words the answer without it. `EngineConfig.ground_answer_numbers` turns the
@@ -33,6 +35,7 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 import torch
 
 from model.grounding import NUMBER_WORDS
+from model.tool_format import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 SEPARATORS = ".,:"
 _RUN_RE = re.compile(r"\d[\d.,:]*")  # a number: digits with separators inside (and maybe one trailing)
@@ -166,7 +169,10 @@ class AnswerNumbers:
 
     def banned(self, text: str) -> torch.Tensor | None:
         """A mask of the tokens that may not follow `text` (the answer so far); None when every token may, or
-        when none may (a number begun before the rule applied, which it cannot finish)."""
+        when none may (a number begun before the rule applied, which it cannot finish), or inside a tool call
+        (`text` has an opening tag not yet closed: calls decoded without the call grammar)."""
+        if text.rfind(TOOL_CALL_OPEN) > text.rfind(TOOL_CALL_CLOSE):
+            return None
         m = _OPEN_RUN_RE.search(text)
         before = m.group() if m else ""
         candidates = self.tokens.digits + self.tokens.separators if before else self.tokens.digits

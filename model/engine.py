@@ -654,7 +654,7 @@ class Engine:
             if banned is not None and not generated:
                 logits[banned] = -float("inf")
             if numbers is not None and inside is None and not forced:
-                mask = numbers.banned(self.fmt.decode(generated))
+                mask = numbers.banned(self.fmt.decode(generated))  # None inside a call (`--free-tool-calls`)
                 if mask is not None:
                     logits[: mask.shape[0]][mask[: logits.shape[0]]] = -float("inf")
             if not forced:
@@ -739,6 +739,8 @@ class Engine:
         remote backend, for the reason `_call_decoder` gives."""
         if not self.config.ground_answer_numbers or self.config.backend != "local":
             return None
+        if not self.fmt.tool_format.render_calls([ToolCall("f", {})]).startswith(TOOL_CALL_OPEN):
+            return None  # Llama-3 and GLM-4 calls open with no tag: a call cannot be told from words while written
         if self._number_tokens is None:
             size = len(self.fmt.tokenizer)
             self._number_tokens = NumberTokens([(i, text) for i, text, _ in self._texts()], size)

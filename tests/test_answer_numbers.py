@@ -148,3 +148,9 @@ def test_result_answers_are_scored_on_the_numbers_they_state(tiny_engine_factory
     assert metrics["n_result_answers"] == metrics["n_with_result_numbers"] == 1
     assert metrics["answers_with_unsaid_numbers"] == float(bool(row.unsaid_numbers))
     assert engine.channels() == []  # the replay's channel is gone
+
+
+def test_numbers_inside_a_tool_call_are_not_the_rules() -> None:
+    rule = AnswerNumbers(_digit_tokens(), "25502500")
+    assert rule.banned('<tool_call>{"name": "calculator", "arguments": {"expression": "84.5*0.') is None
+    assert rule.banned('<tool_call>{"name": "calculator", "arguments": {}}</tool_call> It is 2') is not None
