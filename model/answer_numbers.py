@@ -52,6 +52,11 @@ def _grouped(text: str) -> str:
     return f"{int(whole):,}{dot}{frac}"
 
 
+def decimal_places(value: Decimal) -> int:
+    """How many digits `value` has after its decimal point as written (0 for an integer)."""
+    return max(0, -int(value.as_tuple().exponent))
+
+
 def _decimal_forms(text: str) -> set[str]:
     """A plain decimal number (no grouping) as written, rounded to each number of places, grouped or not,
     and as a percentage when it is a fraction between 0 and 1."""
@@ -60,7 +65,7 @@ def _decimal_forms(text: str) -> set[str]:
         value = Decimal(text)
     except InvalidOperation:  # pragma: no cover - callers pass digits with at most one point
         return forms
-    places = max(0, -int(value.as_tuple().exponent))
+    places = decimal_places(value)
     values = [(value, places)]
     if 0 < value < 1:
         values.append((value * 100, max(0, places - 2)))

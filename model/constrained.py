@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from model.conversation import ToolCall
-from model.tool_format import TOOL_CALL_OPEN, ToolFormat, bare_schema
+from model.tool_format import ToolFormat, bare_schema
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class CallGrammar:
         if not tools:
             return None
         rendered = tool_format.render_calls([ToolCall("f", {})])
-        if not rendered.startswith(TOOL_CALL_OPEN) or "}" not in rendered:
+        if not tool_format.tagged or "}" not in rendered:
             return None  # llama3/glm4 calls are not opened by a tag
         close = rendered[rendered.rindex("}") + 1 :]
         return CallDecoder(self, call_schema(tools), close)

@@ -739,7 +739,7 @@ class Engine:
         remote backend, for the reason `_call_decoder` gives."""
         if not self.config.ground_answer_numbers or self.config.backend != "local":
             return None
-        if not self.fmt.tool_format.render_calls([ToolCall("f", {})]).startswith(TOOL_CALL_OPEN):
+        if not self.fmt.tool_format.tagged:
             return None  # Llama-3 and GLM-4 calls open with no tag: a call cannot be told from words while written
         if self._number_tokens is None:
             size = len(self.fmt.tokenizer)

@@ -146,6 +146,12 @@ class ToolFormat:
             for c in calls
         )
 
+    @property
+    def tagged(self) -> bool:
+        """Whether every call opens with the <tool_call> tag (plain, Hermes/Qwen), so a call can be told from
+        words while it is written; Llama-3 JSON and GLM-4 calls cannot."""
+        return self.render_calls([ToolCall("f", {})]).startswith(TOOL_CALL_OPEN)
+
     def call_opening(self) -> str | None:
         """The text every rendered call starts with, whatever the tool (where the model commits to calling),
         or None when calls start with the tool's name (nothing tells a call from words before it)."""

@@ -22,7 +22,7 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from model.answer_numbers import number_forms, number_runs
+from model.answer_numbers import decimal_places, number_forms, number_runs
 from model.chat_format import BotTurn
 from model.conversation import Conversation, ToolCall, scored_messages
 from model.engine import Engine, IncomingMessage, decision_rule, gate_score, names_bot
@@ -246,7 +246,7 @@ def _same_number(expected: str, said: str) -> bool:
         x, y = Decimal(expected.replace(",", "")), Decimal(said.replace(",", ""))
     except InvalidOperation:
         return False
-    places = min(max(0, -int(x.as_tuple().exponent)), max(0, -int(y.as_tuple().exponent)))
+    places = min(decimal_places(x), decimal_places(y))
     step = Decimal(1).scaleb(-places)
     return x.quantize(step, rounding=ROUND_HALF_UP) == y.quantize(step, rounding=ROUND_HALF_UP)
 
@@ -260,23 +260,24 @@ def evaluate_result_answers(engine: Engine, conv: Conversation, max_new_tokens: 
     try:
         for i, msg in enumerate(conv.messages):
             if msg.role == "assistant" and i and conv.messages[i - 1].role == "tool":
-                results = []
+                results: list[str] = []
                 for prev in reversed(conv.messages[:i]):
                     if prev.role != "tool":
                         break
                     results.insert(0, prev.content)
+                results_text = "\n".join(results)
                 said = engine.said(channel_id)
                 start = time.perf_counter()
                 reply = engine.generate(channel_id, max_new_tokens=max_new_tokens)
                 ms = (time.perf_counter() - start) * 1000
-                result_forms = number_forms("\n".join(results))
+                result_forms = number_forms(results_text)
                 expected = [n for n in number_runs(msg.content) if n in result_forms]
                 stated = number_runs(reply.text)
                 said_forms = number_forms(said)
                 rows.append(ResultAnswerRow(
                     conversation_id=conv.id,
                     index=i,
-                    results="\n".join(results),
+                    results=results_text,
                     expected=msg.content,
                     response=reply.text,
                     result_numbers=expected,
