@@ -48,7 +48,7 @@ def tool_document(tool: dict[str, Any]) -> list[str]:
     return tokenize(" ".join(parts))
 
 
-def _has_numeric_parameter(tool: dict[str, Any]) -> bool:
+def has_numeric_parameter(tool: dict[str, Any]) -> bool:
     params = (bare_schema(tool).get("parameters") or {}).get("properties") or {}
     return any(isinstance(p, dict) and p.get("type") in ("number", "integer") for p in params.values())
 
@@ -65,7 +65,7 @@ def relevance(query: str, tools: Sequence[dict[str, Any]], ignore: str = "") -> 
         return 0.0
     best = 0
     for tool in tools:
-        doc, numeric = set(tool_document(tool)), _has_numeric_parameter(tool)
+        doc, numeric = set(tool_document(tool)), has_numeric_parameter(tool)
         best = max(best, sum(w in doc or (numeric and w.isdigit()) for w in words))
     return best / len(words)
 

@@ -15,6 +15,7 @@ from training.dataset import (
     build_examples,
     class_weights,
     load_conversations,
+    no_fit_conversations,
     to_records,
 )
 from training.evaluate import EvalRow, calibrate, cross_validated, rows_at
@@ -232,6 +233,56 @@ def test_require_tool_calls_keeps_conversations_that_call(tmp_path):
     assert [c.conversation.id for c in items] == ["calls", "listed"]
     items, _ = load_conversations([str(tmp_path / "*.jsonl")])
     assert len(items) == 3
+
+
+def _schema(name: str, description: str, **params: str) -> dict:
+    return {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": {k: {"type": v} for k, v in params.items()}, "required": list(params)}}
+
+
+def test_no_fit_conversations_pair_requests_with_tools_that_cannot_serve_them():
+    area = _schema("geometry.triangle_area", "Area of a triangle from its base and height.", base="number", height="number")
+    weather = _schema("weather.now", "Current weather in a city.", city="string")
+    bmi = _schema("health.bmi", "Body mass index from weight in kg and height in m.", weight_kg="number", height_m="number")
+    forecast = _schema("weather.forecast", "Weather forecast for a city.", city="string", days="integer")
+
+    def asks(cid: str, tools: list, text: str, call: ToolCall) -> SourcedConversation:
+        return SourcedConversation(f"{cid}.jsonl", Conversation(id=cid, bot_name="Pip", tools=tools, messages=[
+            Message(role="user", name="Ana", content="quick one"),
+            Message(role="user", name="Ben", content=text),
+            Message(role="assistant", tool_calls=[call]),
+            Message(role="tool", name=call.name, content="25"),
+            Message(role="assistant", content="It's 25."),
+            Message(role="user", name="Ana", content="thanks"),
+        ]))
+
+    items = [
+        asks("tri", [area], "Pip, a triangle with base 10 and height 5?", ToolCall(area["name"], {"base": 10, "height": 5})),
+        asks("oslo", [weather], "Pip, how is it in Oslo right now?", ToolCall(weather["name"], {"city": "Oslo"})),
+        asks("bmi", [bmi], "Pip what's my BMI at 70 kg and 1.75 m?", ToolCall(bmi["name"], {"weight_kg": 70, "height_m": 1.75})),
+        SourcedConversation("talk.jsonl", Conversation(id="talk", tools=[forecast], messages=[
+            Message(role="user", name="Ana", content="Pip, who wrote Dune?"), Message(role="assistant", content="Frank Herbert.")])),
+    ]
+    out = no_fit_conversations(items, 10, seed=0)
+    assert sorted(o.conversation.id for o in out) == ["bmi:no-fit", "oslo:no-fit", "tri:no-fit"]  # only chats that call
+    by_id = {o.conversation.id: o.conversation for o in out}
+    for o in out:
+        conv = o.conversation
+        assert o.source.startswith("no-fit:")
+        assert [m.role for m in conv.messages] == ["user", "user", "assistant"]  # cut at the request, answered in words
+        answer = conv.messages[-1]
+        assert not answer.tool_calls and all(t["name"] in answer.content for t in conv.tools)
+        source = next(i.conversation for i in items if i.conversation.id == conv.id.split(":")[0])
+        assert {t["name"] for t in conv.tools}.isdisjoint({c.name for m in source.messages for c in m.tool_calls})
+    # Oslo's weather question never meets weather.forecast, which shares "weather" and "city" with the tool it
+    # called, nor the triangle question health.bmi ("height"); requests with numbers meet tools with numeric
+    # parameters (weather.now has none).
+    assert by_id["oslo:no-fit"].tools[0]["name"] != "weather.forecast"
+    assert by_id["tri:no-fit"].tools == [forecast]
+    assert by_id["bmi:no-fit"].tools in ([area], [forecast])
+    assert no_fit_conversations(items, 1, seed=0)[0].conversation.id in by_id
+    assert no_fit_conversations(items, 10, seed=0)[0].conversation.messages[-1].content == out[0].conversation.messages[-1].content
+    assert no_fit_conversations(items, 0) == []
 
 
 def test_training_continues_from_an_adapter(tmp_path, tiny_model_dir):

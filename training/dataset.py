@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from model.chat_format import ChatFormat, RenderedConversation
-from model.conversation import Conversation, read_conversations
+from model.conversation import Conversation, Message, read_conversations
 from model.errors import ConfigError
-from model.tool_retrieval import RETRIEVAL_MESSAGES, ToolRetriever
+from model.tool_retrieval import RETRIEVAL_MESSAGES, ToolRetriever, has_numeric_parameter, tokenize, tool_document
 from training.corpus import dedupe
 
 
@@ -129,6 +129,75 @@ def load_conversations(
         digest.update(repr(c.conversation.to_dict()).encode())
     report.data_hash = digest.hexdigest()[:16]
     return items, report
+
+
+# How the bot answers a request its listed tools cannot serve (the no-fit examples below): it says so
+# and names what it can do, rather than forcing the request into a function that does something else.
+NO_FIT_ANSWERS = (
+    "I can't do that with the tools I have here ({names}), sorry.",
+    "None of my tools covers that: I only have {names}.",
+    "That's outside what my tools do ({names}), so I can't work it out for you.",
+    "Sorry, I have no tool for that. What I can run here is {names}.",
+)
+
+
+def _tool_names(tools: Sequence[dict[str, Any]]) -> str:
+    names = [str(t.get("name", "")) for t in tools]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def no_fit_conversations(
+    items: Sequence[SourcedConversation], n: int, seed: int = 0, default_tools: Sequence[dict[str, Any]] = ()
+) -> list[SourcedConversation]:
+    """Up to `n` conversations where the bot is asked for something its listed tools cannot do.
+
+    Each takes a conversation whose bot calls a tool, keeps it up to the request that led to the first
+    call, and lists instead the tools of another conversation (or the configured built-ins) that share
+    no word with the recent messages or with the documentation of the tools it called, as BM25 reads them. The bot answers in words that none of its
+    tools fits (`NO_FIT_ANSWERS`). A request with numbers meets tools with numeric parameters where
+    possible: that pairing ("the area of a triangle with base 10" beside a body-mass-index function) is
+    the one a small model most readily turns into a wrong call. The rest of the source conversation,
+    which talks about the result, is dropped.
+    """
+    rng = random.Random(seed)
+    tool_sets: dict[str, list[dict[str, Any]]] = {}
+    for tools in [list(default_tools)] + [list(i.conversation.tools) for i in items]:
+        if tools:
+            tool_sets.setdefault(",".join(sorted(str(t.get("name")) for t in tools)), tools)
+    donors = [
+        (tools, set().union(*(tool_document(t) for t in tools)), any(has_numeric_parameter(t) for t in tools))
+        for tools in tool_sets.values()
+    ]
+    sources = [i for i in items if any(m.tool_calls for m in i.conversation.messages)]
+    rng.shuffle(sources)
+    out: list[SourcedConversation] = []
+    for item in sources:
+        if len(out) >= n:
+            break
+        conv = item.conversation
+        k = next(i for i, m in enumerate(conv.messages) if m.tool_calls)
+        if k == 0 or not conv.messages[k - 1].is_human:
+            continue
+        humans = [m.content for m in conv.messages[:k] if m.is_human][-RETRIEVAL_MESSAGES:]
+        words = {w for w in tokenize(" ".join(humans)) if not w.isdigit()} - set(tokenize(conv.bot_name or ""))
+        called = {c.name for c in conv.messages[k].tool_calls}
+        for tool in list(conv.tools or default_tools):  # nor with the tools it called: same domain, other words
+            if tool.get("name") in called:
+                words |= set(tool_document(tool))
+        has_number = any(ch.isdigit() for ch in conv.messages[k - 1].content)
+        fits = [(tools, numeric) for tools, doc, numeric in donors if not words & doc]
+        if not fits:
+            continue
+        preferred = [tools for tools, numeric in fits if numeric] if has_number else []
+        tools = rng.choice(preferred or [tools for tools, _ in fits])
+        messages = [dataclasses.replace(m) for m in conv.messages[:k]]
+        if any(m.expect is not None for m in messages):
+            messages[-1].expect = "respond"
+        answer = rng.choice(NO_FIT_ANSWERS).format(names=_tool_names(tools))
+        messages.append(Message(role="assistant", content=answer))
+        no_fit = Conversation(messages=messages, bot_name=conv.bot_name, tools=tools, id=f"{conv.id or 'conversation'}:no-fit")
+        out.append(SourcedConversation(f"no-fit:{item.source}", no_fit))
+    return out
 
 
 def _scored_turn(conv: Conversation, after: int) -> bool:

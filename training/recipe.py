@@ -35,6 +35,9 @@ class Recipe:
     # `keep_listed_tools` also keeps those listing their own functions where none fits (answered in words).
     require_tool_calls: bool = False
     keep_listed_tools: bool = False
+    # Add up to this many conversations where the bot is asked for something its listed tools cannot do
+    # and says so in words (`training.dataset.no_fit_conversations`): they teach not forcing a call.
+    no_fit_examples: int = 0
     max_seq_len: int = 1024  # longer conversations are cut into windows at message boundaries
     window_context: int = 2  # messages repeated (untrained) at the start of a following window
     # Tools listed in the prompt of conversations that carry none (as the engine lists its registry),
@@ -106,6 +109,8 @@ class Recipe:
             raise ConfigError("batch_size and gradient_accumulation_steps must be positive")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("set epochs > 0 or max_steps > 0")
+        if self.no_fit_examples < 0:
+            raise ConfigError(f"no_fit_examples must be 0 or more, got {self.no_fit_examples}")
         if not self.train_files:
             raise ConfigError("train_files is empty")
 
