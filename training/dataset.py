@@ -153,8 +153,8 @@ def no_fit_conversations(
 
     Each takes a conversation whose bot calls a tool, keeps it up to the request that led to the first
     call, and lists instead the tools of another conversation (or the configured built-ins) that share
-    no word with the recent messages or with the documentation of the tools it called, as BM25 reads them. The bot answers in words that none of its
-    tools fits (`NO_FIT_ANSWERS`). A request with numbers meets tools with numeric parameters where
+    no word with the recent messages or with the documentation of the tools it called, as BM25 reads
+    them. The bot answers in words that none of its tools fits (`NO_FIT_ANSWERS`). A request with numbers meets tools with numeric parameters where
     possible: that pairing ("the area of a triangle with base 10" beside a body-mass-index function) is
     the one a small model most readily turns into a wrong call. The rest of the source conversation,
     which talks about the result, is dropped.
@@ -185,11 +185,11 @@ def no_fit_conversations(
             if tool.get("name") in called:
                 words |= set(tool_document(tool))
         has_number = any(ch.isdigit() for ch in conv.messages[k - 1].content)
-        fits = [(tools, numeric) for tools, doc, numeric in donors if not words & doc]
-        if not fits:
+        unrelated = [(tools, numeric) for tools, doc, numeric in donors if not words & doc]
+        if not unrelated:
             continue
-        preferred = [tools for tools, numeric in fits if numeric] if has_number else []
-        tools = rng.choice(preferred or [tools for tools, _ in fits])
+        preferred = [tools for tools, numeric in unrelated if numeric] if has_number else []
+        tools = rng.choice(preferred or [tools for tools, _ in unrelated])
         messages = [dataclasses.replace(m) for m in conv.messages[:k]]
         if any(m.expect is not None for m in messages):
             messages[-1].expect = "respond"
