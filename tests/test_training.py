@@ -285,6 +285,26 @@ def test_no_fit_conversations_pair_requests_with_tools_that_cannot_serve_them():
     assert no_fit_conversations(items, 0) == []
 
 
+def test_no_fit_conversations_join_the_training_data_and_its_hash(tmp_path, tiny_format):
+    from training.train import prepare_data
+
+    weather = _schema("weather.report", "Weather report for a city.", city="string")
+    oslo = Conversation(id="oslo", bot_name="Pip", tools=[weather], messages=[
+        Message(role="user", name="Ana", content="Pip, how is it in Oslo?"),
+        Message(role="assistant", tool_calls=[ToolCall("weather.report", {"city": "Oslo"})]),
+        Message(role="tool", name="weather.report", content="4 C, rain"),
+        Message(role="assistant", content="4 °C and raining."),
+    ])
+    train = tmp_path / "train.jsonl"
+    write_conversations(train, [THREE_PEOPLE, oslo])
+    base = {"train_files": [str(train)], "dev_files": [str(tmp_path / "none.jsonl")]}
+    plain, plain_report = prepare_data(load_recipe(None, base), tiny_format)
+    more, report = prepare_data(load_recipe(None, {**base, "no_fit_examples": 5}), tiny_format)
+    # the sum meets the weather tool and the weather question the built-ins: one no-fit chat each
+    assert report["files"] == {str(train): 2, f"no-fit:{train}": 2}
+    assert len(more) == len(plain) + 2 and report["data_hash"] != plain_report["data_hash"]
+
+
 def test_training_continues_from_an_adapter(tmp_path, tiny_model_dir):
     """`init_adapter` starts from that adapter's LoRA weights (and shape), trains them, and saves a new adapter."""
     import torch

@@ -123,12 +123,17 @@ def load_conversations(
     report.duplicates_dropped = dropped
     for c in items:
         report.files[c.source] = report.files.get(c.source, 0) + 1
+    report.data_hash = data_hash(items)
+    return items, report
+
+
+def data_hash(items: Sequence[SourcedConversation]) -> str:
+    """A short digest of exactly what trains: each conversation as rendered for training, and its source."""
     digest = hashlib.sha256()
     for c in items:
         digest.update(c.source.encode())
         digest.update(repr(c.conversation.to_dict()).encode())
-    report.data_hash = digest.hexdigest()[:16]
-    return items, report
+    return digest.hexdigest()[:16]
 
 
 # How the bot answers a request its listed tools cannot serve (the no-fit examples below): it says so

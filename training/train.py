@@ -101,6 +101,7 @@ def prepare_data(recipe: Recipe, fmt: Any) -> tuple[Any, dict[str, Any]]:
         SourcedConversation,
         build_examples,
         class_weights,
+        data_hash,
         load_conversations,
         no_fit_conversations,
         summarize,
@@ -116,6 +117,7 @@ def prepare_data(recipe: Recipe, fmt: Any) -> tuple[Any, dict[str, Any]]:
     for extra in no_fit_conversations(items, recipe.no_fit_examples, recipe.seed, tools):
         items.append(SourcedConversation(extra.source, with_prompt_tools(extra.conversation, tools, recipe.max_prompt_tools)))
         report.files[extra.source] = report.files.get(extra.source, 0) + 1
+    report.data_hash = data_hash(items)  # the no-fit conversations are part of what trains
     dev_ids = _dev_ids(recipe)
     leaked = sorted({i.conversation.id for i in items if i.conversation.id in dev_ids})
     if leaked:
