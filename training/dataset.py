@@ -95,12 +95,14 @@ def load_conversations(
     max_prompt_tools: int = 8,
     require_tool_calls: bool = False,
     keep_listed_tools: bool = False,
+    no_fit_examples: int = 0,
 ) -> tuple[list[SourcedConversation], DataReport]:
     """Read, cap per source and deduplicate the conversations matched by `patterns`; give each its prompt tools.
 
     `require_tool_calls`: keep only conversations where the bot calls a tool (before the caps apply), and with
     `keep_listed_tools` also those that list their own functions (`tools`) even where the bot calls none: the
-    cases where no function fits, which teach not calling.
+    cases where no function fits, which teach not calling. `no_fit_examples` adds up to that many
+    conversations built by `no_fit_conversations`, counted and hashed with the rest.
     """
     report = DataReport()
     rng = random.Random(seed)
@@ -119,6 +121,10 @@ def load_conversations(
         SourcedConversation(c.source, with_prompt_tools(c.conversation, default_tools, max_prompt_tools))
         for c in items
         if id(c.conversation) in keep_ids
+    ]
+    items += [
+        SourcedConversation(c.source, with_prompt_tools(c.conversation, default_tools, max_prompt_tools))
+        for c in no_fit_conversations(items, no_fit_examples, seed, default_tools)
     ]
     report.duplicates_dropped = dropped
     for c in items:

@@ -97,27 +97,12 @@ def prepare_data(recipe: Recipe, fmt: Any) -> tuple[Any, dict[str, Any]]:
     """The training dataset and a report of what went into it."""
     from datasets import Dataset
 
-    from training.dataset import (
-        SourcedConversation,
-        build_examples,
-        class_weights,
-        data_hash,
-        load_conversations,
-        no_fit_conversations,
-        summarize,
-        to_records,
-        with_prompt_tools,
-    )
+    from training.dataset import build_examples, class_weights, load_conversations, summarize, to_records
 
-    tools = recipe_tools(recipe)
     items, report = load_conversations(
-        recipe.train_files, recipe.source_caps, recipe.seed, recipe.bot_name, tools, recipe.max_prompt_tools,
-        recipe.require_tool_calls, recipe.keep_listed_tools,
+        recipe.train_files, recipe.source_caps, recipe.seed, recipe.bot_name, recipe_tools(recipe), recipe.max_prompt_tools,
+        recipe.require_tool_calls, recipe.keep_listed_tools, recipe.no_fit_examples,
     )
-    for extra in no_fit_conversations(items, recipe.no_fit_examples, recipe.seed, tools):
-        items.append(SourcedConversation(extra.source, with_prompt_tools(extra.conversation, tools, recipe.max_prompt_tools)))
-        report.files[extra.source] = report.files.get(extra.source, 0) + 1
-    report.data_hash = data_hash(items)  # the no-fit conversations are part of what trains
     dev_ids = _dev_ids(recipe)
     leaked = sorted({i.conversation.id for i in items if i.conversation.id in dev_ids})
     if leaked:
