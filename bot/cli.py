@@ -541,6 +541,8 @@ def cmd_bfcl(args: argparse.Namespace) -> int:
     unknown = [c for c in categories if c not in CATEGORIES]
     if unknown:
         raise ChimeError(f"unknown BFCL categories: {', '.join(unknown)}; choose from {', '.join(CATEGORIES)}")
+    if args.replay:
+        return _bfcl_replay(args)
     python = bfcl_python(args.bfcl_python)  # fail before loading the model
     from model.engine import Engine
 
@@ -559,6 +561,27 @@ def cmd_bfcl(args: argparse.Namespace) -> int:
         print(format_table(summary))
         print(f"{summary['seconds']} s; adapter {summary['adapter']}; tool format {summary['tool_format']}; "
               f"call gate {summary['tool_call_threshold']} (relevance weight {summary['tool_call_relevance_weight']})")
+    return 0
+
+
+def _bfcl_replay(args: argparse.Namespace) -> int:
+    """`chime bfcl --replay F`: the scores of the configured call gate, read off a gate-open run's details."""
+    from model.loading import resolve_adapter, resolve_tool_call_relevance_weight, resolve_tool_call_threshold
+    from training.bfcl import format_table, replay_gate
+
+    config = _scored_config(args)
+    adapter = resolve_adapter(config)
+    threshold = resolve_tool_call_threshold(config, adapter)
+    if threshold is None:
+        raise ChimeError("--replay needs a call gate: the adapter calibrated none, so give --tool-call-threshold")
+    rows = [json.loads(line) for line in Path(args.replay).read_text().splitlines() if line.strip()]
+    summary = replay_gate(rows, threshold, resolve_tool_call_relevance_weight(config, adapter))
+    summary.update(details=args.replay, adapter=adapter)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_table(summary))
+        print(f"replayed from {args.replay}: call gate {threshold} (relevance weight {summary['tool_call_relevance_weight']})")
     return 0
 
 
@@ -646,6 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tools", type=int, help="show only the K functions BM25 ranks highest for the question")
     p.add_argument("--bfcl-python", help="Python of the environment with bfcl-eval (default .venv-bfcl/bin/python)")
     p.add_argument("--details", help="write one JSON row per entry (reply, calls, verdict) to this file")
+    p.add_argument("--replay", metavar="DETAILS", help="score the call gate (the adapter's, or --tool-call-threshold and "
+                   "--tool-call-relevance-weight) on the details of a --tool-call-threshold 0 run, without generating")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     _add_engine_args(p)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from model.conversation import ToolCall
-from training.bfcl import bfcl_python, coerce_call, format_table, load_entries, run_bfcl, score
+from model.errors import ChimeError
+from training.bfcl import bfcl_python, coerce_call, format_table, load_entries, replay_gate, run_bfcl, score
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +51,26 @@ def test_run_bfcl_through_the_engine(bfcl: str, tiny_engine_factory) -> None:
     assert sum(c["correct"] for c in summary["categories"].values()) == sum(d["valid"] for d in details)
     assert "| Chime |" in format_table(summary) and "Hammer2.1-0.5b" in format_table(summary)
     assert engine.channels() == []  # every question's channel is gone afterwards
+
+
+def _entry(category: str, p_call: float | None, relevance: float | None, valid: bool, threshold: float | None = 0.0) -> dict:
+    return {"category": category, "p_call": p_call, "call_relevance": relevance, "valid": valid,
+            "tool_call_threshold": threshold}  # fmt: skip
+
+
+def test_replay_gate_reads_a_gate_open_run_at_another_gate() -> None:
+    rows = [
+        _entry("simple_python", 0.9, 0.0, True),   # opens at 0.5: its right call counts
+        _entry("simple_python", 0.3, 0.0, True),   # closed at 0.5: words, wrong for simple_python
+        _entry("simple_python", 0.3, 1.0, True),   # relevance at weight 2 carries it over 0.5
+        _entry("irrelevance", 0.9, 0.0, False),    # opens and calls: wrong
+        _entry("irrelevance", 0.3, 0.0, False),    # closed: answered in words, right
+        _entry("irrelevance", None, None, True),   # no P(call): the recorded verdict
+    ]  # fmt: skip
+    summary = replay_gate(rows, 0.5)
+    assert summary["categories"]["simple_python"] == {"n": 3, "correct": 1, "opened": 1, "accuracy": 33.3}
+    assert summary["categories"]["irrelevance"] == {"n": 3, "correct": 2, "opened": 2, "accuracy": 66.7}
+    assert replay_gate(rows, 0.5, weight=2.0)["categories"]["simple_python"]["correct"] == 2
+    assert replay_gate(rows, 0.0)["categories"]["irrelevance"]["correct"] == 1  # the run as recorded
+    with pytest.raises(ChimeError, match="opened every call"):
+        replay_gate(rows + [_entry("simple_python", 0.9, 0.0, True, threshold=0.8)], 0.5)

@@ -122,6 +122,7 @@ def answer_entry(engine: Any, entry: dict[str, Any], max_prompt_tools: int | Non
         "p_respond": round(decision.p_respond, 4),
         "p_call": None if reply.p_call is None else round(reply.p_call, 6),  # the call gate's inputs
         "call_relevance": None if reply.call_relevance is None else round(reply.call_relevance, 4),
+        "tool_call_threshold": engine.tool_call_threshold,  # 0: every call opened, so `replay_gate` can read it
         "reply": reply.text,
         "calls": [coerce_call(c, tools) for c in reply.tool_calls],
         "parse_errors": reply.errors,
@@ -165,6 +166,38 @@ def run_bfcl(
         details.extend(results)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     return summary, details
+
+
+def replay_gate(details: Sequence[dict[str, Any]], threshold: float, weight: float = 0.0) -> dict[str, Any]:
+    """The scores the call gate at (`threshold`, `weight`) would get, read off the details of a run that
+    opened every call (`chime bfcl --tool-call-threshold 0 --details F`), without generating again.
+
+    An entry whose recorded gate score (`model.engine.gate_score` of its P(call) and relevance) reaches
+    the threshold keeps its recorded verdict; one below it would have started its reply in words, which is
+    right for `irrelevance` and wrong elsewhere. An entry without P(call) (no tools shown) keeps its
+    verdict. Replaying the shipped gate on the 2026-12-07 gate-open run gives the scores of the run at that
+    gate (177 of 400 simple_python, 216 of 240 irrelevance). What it cannot see: a reply whose opening was
+    banned can still write a call later in its text, which a replay counts as words."""
+    from model.engine import gate_score
+
+    closed_runs = sorted({str(r.get("tool_call_threshold")) for r in details if r.get("tool_call_threshold") != 0})
+    if closed_runs:
+        raise ChimeError(
+            "a gate replay needs the details of a run that opened every call (chime bfcl --tool-call-threshold 0 "
+            f"--details F); these were recorded with tool_call_threshold {', '.join(closed_runs)}"
+        )
+    summary: dict[str, Any] = {"categories": {}, "replay": True, "tool_call_threshold": threshold,
+                               "tool_call_relevance_weight": weight}  # fmt: skip
+    for r in details:
+        opened = r.get("p_call") is None or gate_score(r["p_call"], r.get("call_relevance"), weight) >= threshold
+        valid = bool(r["valid"]) if opened else r["category"] == "irrelevance"
+        c = summary["categories"].setdefault(r["category"], {"n": 0, "correct": 0, "opened": 0})
+        c["n"] += 1
+        c["correct"] += valid
+        c["opened"] += opened
+    for c in summary["categories"].values():
+        c["accuracy"] = round(100 * c["correct"] / c["n"], 1)
+    return summary
 
 
 def format_table(summary: dict[str, Any], label: str = "Chime") -> str:
