@@ -7,6 +7,7 @@
     chime bench load [--rate 50 --seconds 60 --channels 20]   a burst through engine, dispatcher and log
     chime render FILE.jsonl [--index N]              show a rendered conversation, trained tokens marked
     chime bfcl [--categories ...] [--limit N]        tool calling on BFCL, scored by bfcl-eval's checker
+    chime bfcl --replay DETAILS                      another call gate's BFCL scores, from a gate-open run
     chime db upgrade | consent | opt-out | forget | decisions | label | export   storage (bot/storage_cli.py)
     chime retrain [--every 24h]                      export, train, evaluate, promote (training/retrain.py)
     chime adapters list|add|promote|rollback         adapter versions (training/adapters.py)
@@ -575,6 +576,10 @@ def _bfcl_replay(args: argparse.Namespace) -> int:
     if threshold is None:
         raise ChimeError("--replay needs a call gate: the adapter calibrated none, so give --tool-call-threshold")
     rows = [json.loads(line) for line in Path(args.replay).read_text().splitlines() if line.strip()]
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()]
+    rows = [r for r in rows if r.get("category") in categories]
+    if args.limit is not None:  # the first N of each category, as a run with --limit would have answered
+        rows = [r for c in categories for r in [r for r in rows if r["category"] == c][: args.limit]]
     summary = replay_gate(rows, threshold, resolve_tool_call_relevance_weight(config, adapter))
     summary.update(details=args.replay, adapter=adapter)
     if args.json:

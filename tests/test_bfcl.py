@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from bot.cli import main
 from model.conversation import ToolCall
 from model.errors import ChimeError
 from training.bfcl import bfcl_python, coerce_call, format_table, load_entries, replay_gate, run_bfcl, score
@@ -74,3 +77,18 @@ def test_replay_gate_reads_a_gate_open_run_at_another_gate() -> None:
     assert replay_gate(rows, 0.0)["categories"]["irrelevance"]["correct"] == 1  # the run as recorded
     with pytest.raises(ChimeError, match="opened every call"):
         replay_gate(rows + [_entry("simple_python", 0.9, 0.0, True, threshold=0.8)], 0.5)
+
+
+def test_chime_bfcl_replay_reads_the_gate_off_a_details_file(tmp_path, capsys) -> None:
+    rows = [_entry("simple_python", 0.9, 0.0, True), _entry("simple_python", 0.3, 0.0, True),
+            _entry("irrelevance", 0.3, 0.0, False), _entry("irrelevance", 0.9, 0.0, False)]  # fmt: skip
+    path = tmp_path / "open.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["bfcl", "--replay", str(path), "--tool-call-threshold", "0.5", "--no-adapter", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [summary["categories"][c]["correct"] for c in ("simple_python", "irrelevance")] == [1, 1]
+    assert main(["bfcl", "--replay", str(path), "--tool-call-threshold", "0.5", "--no-adapter", "--json",
+                 "--categories", "irrelevance", "--limit", "1"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["categories"] == {"irrelevance": {"n": 1, "correct": 1, "opened": 0, "accuracy": 100.0}}
+    assert main(["bfcl", "--replay", str(path), "--no-adapter"]) == 2  # no gate to replay: an error, not a guess
+    assert "needs a call gate" in capsys.readouterr().err
