@@ -543,7 +543,7 @@ def cmd_bfcl(args: argparse.Namespace) -> int:
     if unknown:
         raise ChimeError(f"unknown BFCL categories: {', '.join(unknown)}; choose from {', '.join(CATEGORIES)}")
     if args.replay:
-        return _bfcl_replay(args)
+        return _bfcl_replay(args, categories)
     python = bfcl_python(args.bfcl_python)  # fail before loading the model
     from model.engine import Engine
 
@@ -565,7 +565,7 @@ def cmd_bfcl(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bfcl_replay(args: argparse.Namespace) -> int:
+def _bfcl_replay(args: argparse.Namespace, categories: list[str]) -> int:
     """`chime bfcl --replay F`: the scores of the configured call gate, read off a gate-open run's details."""
     from model.loading import resolve_adapter, resolve_tool_call_relevance_weight, resolve_tool_call_threshold
     from training.bfcl import format_table, replay_gate
@@ -574,12 +574,11 @@ def _bfcl_replay(args: argparse.Namespace) -> int:
     adapter = resolve_adapter(config)
     threshold = resolve_tool_call_threshold(config, adapter)
     if threshold is None:
-        raise ChimeError("--replay needs a call gate: the adapter calibrated none, so give --tool-call-threshold")
-    rows = [json.loads(line) for line in Path(args.replay).read_text().splitlines() if line.strip()]
-    categories = [c.strip() for c in args.categories.split(",") if c.strip()]
-    rows = [r for r in rows if r.get("category") in categories]
-    if args.limit is not None:  # the first N of each category, as a run with --limit would have answered
-        rows = [r for c in categories for r in [r for r in rows if r["category"] == c][: args.limit]]
+        raise ChimeError("--replay needs a call gate: the adapter calibrated none (or --no-tool-gate), so give --tool-call-threshold")
+    recorded = [json.loads(line) for line in Path(args.replay).read_text().splitlines() if line.strip()]
+    rows = []
+    for category in categories:  # the first N of each category, as a run with --limit would have answered
+        rows += [r for r in recorded if r.get("category") == category][: args.limit]
     summary = replay_gate(rows, threshold, resolve_tool_call_relevance_weight(config, adapter))
     summary.update(details=args.replay, adapter=adapter)
     if args.json:
