@@ -62,6 +62,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-unsaid-required", action="store_true",
                    help="run calls whose required arguments hold numbers nobody said, or one said number in "
                         "several places (model/grounding.py withdraws them and answers in words)")
+    g.add_argument("--raw-arguments", action="store_true",
+                   help="pass percentages and boolean flags as the model wrote them (model/grounding.py passes a "
+                        "said percentage in the form its parameter asks for, and a flag the message names as true)")
     g.add_argument("--free-answer-numbers", action="store_true",
                    help="let an answer to tool results write numbers the conversation does not hold "
                         "(model/answer_numbers.py keeps them to the results' and people's numbers)")
@@ -102,6 +105,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         "ground_optional_arguments": False if args.keep_ungrounded_arguments else None,
         "ground_required_arguments": False if args.allow_unsaid_required else None,
         "ground_answer_numbers": False if args.free_answer_numbers else None,
+        "read_arguments": False if args.raw_arguments else None,
         "tool_call_threshold": args.tool_call_threshold,
         "tool_call_relevance_weight": args.tool_call_relevance_weight,
         "tool_call_gate": False if args.no_tool_gate else None,

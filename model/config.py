@@ -75,6 +75,9 @@ class EngineConfig:
     # withdraw a call whose required arguments hold a number nobody said, or one said number in more places than
     # it was said, and answer in words (model/grounding.py)
     ground_required_arguments: bool = True
+    # read two kinds of argument off the person's words (model/grounding.py): a percentage said, as the fraction
+    # (0.05) or percent (5) its parameter's description asks for; a boolean flag the message names, as true
+    read_arguments: bool = True
     # in an answer to tool results, write only numbers the conversation holds, as said or rounded, grouped, ...
     # (model/answer_numbers.py; local backend)
     ground_answer_numbers: bool = True

@@ -48,7 +48,13 @@ from model.config import EngineConfig
 from model.constrained import CallDecoder, CallGrammar, token_texts
 from model.conversation import Message, ToolCall
 from model.errors import ConfigError, ModelLoadError
-from model.grounding import GroundingContext, drop_ungrounded_optional, withdraw_unsaid_required
+from model.grounding import (
+    GroundingContext,
+    drop_ungrounded_optional,
+    percent_as_described,
+    said_flags,
+    withdraw_unsaid_required,
+)
 from model.loading import (
     load_model,
     release_memory,
@@ -144,7 +150,7 @@ class Channel:
     rebuilds: int = 0
     retrieved: bool = False  # tools chosen per message from the engine's registry (more than fit the prompt)
     recent: list[str] = field(default_factory=list)  # the latest human messages: the tool retrieval query
-    last_message: str = ""  # the text of the latest message decided on: the call gate's relevance query
+    last_message: str = ""  # the latest human message: the call gate's relevance query, where flags are read
 
     def window_ids(self) -> list[int]:
         ids = list(self.system_ids)
@@ -398,6 +404,7 @@ class Engine:
         with self._lock:
             ch = self.channel(channel_id)
             self._close_pending(ch)
+            ch.last_message = text
             ids = self.fmt.human_ids(name, text)
             self._fit(ch, len(ids))
             ch.turns.append(_Turn("human", ids))
@@ -594,6 +601,10 @@ class Engine:
             text, n_tokens = parsed.text, len(generated)
             if tool_calls and ch.tools:
                 context = GroundingContext(self._said(ch))
+                if self.config.read_arguments:
+                    tool_calls, scaled = percent_as_described(tool_calls, ch.tools, context)
+                    tool_calls, flags = said_flags(tool_calls, ch.tools, ch.last_message)
+                    errors.extend(scaled + flags)
                 if self.config.ground_optional_arguments:
                     tool_calls, dropped = drop_ungrounded_optional(tool_calls, ch.tools, context)
                     errors.extend(dropped)

@@ -15,6 +15,21 @@ common with the conversation so far (the people's messages, earlier tool results
     array      kept when every element is grounded; an object when every value is
     boolean    always kept: "yes" has no spelling to look for
 
+An optional string is also dropped when it only repeats another argument's words, more often than the
+conversation says them: `team: "Brady"` beside `player_name: "Tom Brady"`, `make: "acoustic"` beside
+`type: "acoustic"` ("an acoustic instrument" names one thing, not two). It is compared with the required
+arguments and the optional ones before it, so of two optional copies the first stays.
+
+`percent_as_described` passes a percentage the person said ("5%", "5 percent") in the form its number
+parameter asks for: 5 where its name says "percent" or "pct"; otherwise 0.05 where its description says
+"as a decimal", "fraction" or "0.05 = 5%", and 5 where it says "percent" or "%". A parameter that says
+neither is left to the model.
+
+`said_flags` passes true to a boolean parameter the latest message names, where the model passed false:
+`include_owner` after "include the owner's name", `with_verdict` after "the lawsuit with its verdict",
+`organic` after "organic bananas". Every word of the parameter's name but a leading verb ("include",
+"with", "is", "show", ...) must be said, and none after a negation ("without the verdict", "not organic").
+
 Required arguments are never dropped (the schema wants them whatever they are): `withdraw_unsaid_required`
 withdraws a whole call whose required arguments hold a number nobody said, or one said number in more
 places than it was said. A value the person did state in another form that none of these rules sees
@@ -26,7 +41,7 @@ from __future__ import annotations
 
 import collections
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from model.conversation import ToolCall
@@ -35,6 +50,12 @@ from model.tools import format_number
 _WORD_RE = re.compile(r"[^\W\d_]+|\d+")  # runs of letters, runs of digits: "24h" is "24" and "h"
 _NUMBER_RE = re.compile(r"(?<![\w.])-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:e[-+]?\d+(?!\w))?")
 _DIGITS_RE = re.compile(r"\d+")
+_PERCENT_RE = re.compile(r"(?<![\w.])(-?\d+(?:\.\d+)?)\s*(?:%|percent\b|per cent\b)")
+# what a number parameter's name and description say it takes: a fraction ("as a decimal", "0.05 for 5%")
+# or a percentage ("in percent", "rate_pct", "in %"); "decimal places" is about rounding
+_WANTS_FRACTION_RE = re.compile(r"decimal(?!\s+places?)|fraction|(?<![\d.])0?\.\d+\s*(?:=|is|for|means)\s*\d+(?:\.\d+)?\s*%"
+                                r"|\d\s*%\s*(?:=|is|as|->)\s*0?\.\d")
+_WANTS_PERCENT_RE = re.compile(r"percent|pct(?![a-z])|%")
 _PREFIX = 5
 _SCALES = (1, 100, 1000, 60, 1e6)
 NUMBER_WORDS = {w: float(i) for i, w in enumerate(
@@ -71,6 +92,8 @@ class GroundingContext:
             except ValueError:  # pragma: no cover - the pattern only matches numbers
                 continue
         self.numbers = set(self.mentions)
+        self.word_counts = collections.Counter(words)
+        self.percents = {float(m.group(1)) for m in _PERCENT_RE.finditer(lowered)}
 
     def has_number(self, value: float) -> bool:
         return any(_same_number(n, value) for n in self.numbers)
@@ -138,12 +161,145 @@ def drop_ungrounded_optional(
         properties = params.get("properties") or {}
         kept: dict[str, Any] = {}
         for key, value in call.arguments.items():
-            if key in properties and key not in required and not context.grounds(value):
-                notes.append(f"{call.name}: dropped optional argument {key}={value!r}: nobody said it")
-                continue
+            if key in properties and key not in required:
+                if not context.grounds(value):
+                    notes.append(f"{call.name}: dropped optional argument {key}={value!r}: nobody said it")
+                    continue
+                before = [k for k in call.arguments if k in required and k != key] + list(kept)
+                other = _repeated(value, [(k, call.arguments[k]) for k in before], context)
+                if other is not None:
+                    notes.append(f"{call.name}: dropped optional argument {key}={value!r}: it repeats {other}")
+                    continue
             kept[key] = value
         out.append(call if len(kept) == len(call.arguments) else ToolCall(name=call.name, arguments=kept))
     return out, notes
+
+
+def _repeated(value: Any, others: Sequence[tuple[str, Any]], context: GroundingContext) -> str | None:
+    """The name of the argument among `others` whose string holds every word of the string `value`, where the
+    conversation says those words fewer times than the two values use them; None when there is none."""
+    if not isinstance(value, str):
+        return None
+    words = _WORD_RE.findall(value.lower())
+    if not words:
+        return None
+    for key, other in others:
+        if not isinstance(other, str):
+            continue
+        other_words = _WORD_RE.findall(other.lower())
+        if set(words) <= set(other_words) and all(
+            context.word_counts[w] < words.count(w) + other_words.count(w) for w in set(words)
+        ):
+            return key
+    return None
+
+
+def _reread(
+    calls: Sequence[ToolCall], tools: Sequence[dict[str, Any]], read: Callable[[str, dict[str, Any], Any], Any]
+) -> tuple[list[ToolCall], list[str]]:
+    """The calls with each top-level argument value that `read(key, its schema, value)` rereads replaced, and a
+    note for each: `read` returns (new value, why) or None to keep the value. A call to a tool that is not
+    listed, or whose arguments are not an object, is left as it is."""
+    out: list[ToolCall] = []
+    notes: list[str] = []
+    for call, params in _with_parameters(calls, tools):
+        if params is None:
+            out.append(call)
+            continue
+        properties = params.get("properties") or {}
+        arguments = dict(call.arguments)
+        for key, value in call.arguments.items():
+            schema = properties.get(key)
+            reread = read(key, schema, value) if isinstance(schema, dict) else None
+            if reread is not None:
+                arguments[key], why = reread
+                notes.append(f"{call.name}: {key}={_shown(value)} passed as {_shown(arguments[key])}: {why}")
+        out.append(call if arguments == call.arguments else ToolCall(name=call.name, arguments=arguments))
+    return out, notes
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return format_number(float(value)) if isinstance(value, (int, float)) else repr(value)
+
+
+def percent_as_described(
+    calls: Sequence[ToolCall], tools: Sequence[dict[str, Any]], context: GroundingContext
+) -> tuple[list[ToolCall], list[str]]:
+    """The calls with each percentage the person said in the form its parameter asks for, and a note for each
+    value changed: a number parameter whose name or description asks for a fraction gets 0.05 for a said
+    "5%" the model passed as 5, and one that asks for a percentage gets 5 for one passed as 0.05. Only
+    top-level number parameters (not integers), and only values that are a said percentage in the other
+    form; a description that asks for neither is left to the model (conventions differ: an "interest_rate"
+    takes 5 in one API and 0.05 in the next)."""
+
+    def read(key: str, schema: dict[str, Any], value: Any) -> tuple[float, str] | None:
+        if schema.get("type") != "number" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None  # a number written as a string is left to coercion and validation
+        description = str(schema.get("description") or "").lower()
+        if _WANTS_PERCENT_RE.search(key.lower()):  # the name decides first: "rate_pct", "tip_percentage"
+            fraction = False
+        elif _WANTS_FRACTION_RE.search(description):
+            fraction = True
+        elif _WANTS_PERCENT_RE.search(description):
+            fraction = False
+        else:
+            return None
+        for p in context.percents:
+            if p != 0 and _close(value, p if fraction else p / 100):
+                return (p / 100 if fraction else p), "the percentage said, in the form its description asks for"
+        return None
+
+    return _reread(calls, tools, read) if context.percents else (list(calls), [])
+
+
+_FLAG_VERBS = frozenset("include includes including with is has have show get use want return allow enable should "
+                        "do add consider".split())  # fmt: skip
+_NEGATIONS = frozenset("no not without exclude excluding except never don't dont skip nor".split())
+_CAMEL_RE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+def _flag_words(name: str) -> list[str]:
+    """The words of a boolean parameter's name that say what it turns on: `include_owner` -> ["owner"],
+    `fullName` -> ["full", "name"]."""
+    words = _WORD_RE.findall(_CAMEL_RE.sub("_", name).replace("_", " ").lower())
+    while words and words[0] in _FLAG_VERBS:
+        words = words[1:]
+    return words
+
+
+def _named_positively(word: str, message: list[str]) -> bool:
+    """Whether `word` is said in `message` (its words, in order), matched as grounding matches words, with no
+    negation among the three words before it."""
+    for i, said in enumerate(message):
+        if said[:_PREFIX] == word[:_PREFIX] or (len(word) >= 3 and said.startswith(word)):
+            if not _NEGATIONS.intersection(message[max(0, i - 3) : i]):
+                return True
+    return False
+
+
+def said_flags(
+    calls: Sequence[ToolCall], tools: Sequence[dict[str, Any]], message: str
+) -> tuple[list[ToolCall], list[str]]:
+    """The calls with true for each boolean parameter the latest `message` names where the model passed false,
+    and a note for each (see the module's doc). Only top-level booleans, and only false ones: a true the
+    person did not name may still be the tool's intent ("details" for "tell me all about it")."""
+    said = re.findall(r"[^\W\d_]+(?:'[a-z]+)?|\d+", message.lower())
+
+    def read(key: str, schema: dict[str, Any], value: Any) -> tuple[bool, str] | None:
+        if value is not False or schema.get("type") != "boolean":
+            return None
+        words = _flag_words(key)
+        if words and all(_named_positively(w, said) for w in words):
+            return True, f"the message asks for {' '.join(words)}"
+        return None
+
+    return _reread(calls, tools, read)
+
+
+def _close(value: float, target: float) -> bool:
+    return abs(value - target) <= 1e-9 * max(1.0, abs(target))
 
 
 def withdraw_unsaid_required(

@@ -42,6 +42,13 @@ from model.conversation import (
     write_conversations,
 )
 from model.errors import ChimeError, ConversationFormatError
+from model.grounding import (
+    GroundingContext,
+    drop_ungrounded_optional,
+    percent_as_described,
+    said_flags,
+    withdraw_unsaid_required,
+)
 from model.tool_format import FORMATS, MAX_CALLS_PER_TURN
 from model.tools import Tool, ToolBudget, ToolError, ToolRegistry
 from tests.tiny import build_tiny_tokenizer
@@ -468,6 +475,40 @@ def test_only_registered_tools_ever_run(name: str, arguments: dict[str, Any]) ->
         assert SPY.calls[-1] == result.arguments and result.content == "ok"
     else:
         assert result.content.startswith("error: ")
+
+
+GROUNDED = {"name": "measure", "parameters": {**SCHEMA, "properties": {
+    **SCHEMA["properties"], "x": {"type": "number", "description": "a rate as a decimal (0.05 = 5%)"},
+    "with_flag": {"type": "boolean"}, "rate_pct": {"type": "number"}}}}  # fmt: skip
+SAID = st.text(string.ascii_letters + string.digits + " %.,'-", max_size=40) | st.text(max_size=40)
+
+
+@FUZZ
+@given(name=CALL_NAMES, arguments=ARGUMENTS, said=SAID)
+@example(name="measure", arguments={"n": 5, "label": "flag", "x": 5, "flag": False, "unit": "flag"}, said="5% flag")
+def test_argument_grounding_never_raises_and_only_drops_or_rereads_values(name: str, arguments: dict[str, Any],
+                                                                          said: str) -> None:  # fmt: skip
+    """The grounding rules take any call: they keep its name, add no argument, drop only optional ones, and
+    change a value only from a number to the said percentage's other form or from false to true."""
+    context = GroundingContext(said)
+    calls = [ToolCall(name, arguments)]
+    calls, _ = percent_as_described(calls, [GROUNDED], context)
+    calls, _ = said_flags(calls, [GROUNDED], said)
+    calls, _ = drop_ungrounded_optional(calls, [GROUNDED], context)
+    calls, _ = withdraw_unsaid_required(calls, [GROUNDED], context)
+    assert len(calls) <= 1
+    for call in calls:
+        assert call.name == name and set(call.arguments) <= set(arguments)
+        assert set(GROUNDED["parameters"]["required"]) & set(arguments) <= set(call.arguments)
+        for key, value in call.arguments.items():
+            before = arguments[key]
+            if value is before or value == before and type(value) is type(before):
+                continue
+            if before is False:
+                assert value is True
+            else:
+                assert isinstance(before, (int, float)) and isinstance(value, float)
+                assert math.isclose(value, before / 100) or math.isclose(value, before * 100)
 
 
 class Unprintable:

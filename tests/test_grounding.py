@@ -8,7 +8,13 @@ import pytest
 
 from model.conversation import ToolCall
 from model.engine import IncomingMessage
-from model.grounding import GroundingContext, drop_ungrounded_optional, withdraw_unsaid_required
+from model.grounding import (
+    GroundingContext,
+    drop_ungrounded_optional,
+    percent_as_described,
+    said_flags,
+    withdraw_unsaid_required,
+)
 from model.tool_format import ParsedReply
 
 EMISSIONS = {
@@ -208,3 +214,128 @@ def test_the_engine_answers_in_words_when_every_call_was_a_guess(tiny_engine_fac
         assert cache[len(cache) - len(second):] == second and reply.n_tokens == len(first) + len(second)
     else:
         assert reply.tool_calls == [call] and reply.errors == [] and len(parses) == 1
+
+
+RECORD = {
+    "name": "player_record",
+    "description": "A player's record in a season.",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "player_name": {"type": "string", "description": "the player"},
+            "sport": {"type": "string", "description": "the sport. Default 'football'."},
+            "team": {"type": "string", "description": "the team. Default: all teams."},
+            "note": {"type": "string", "description": "a note"},
+        },
+        "required": ["player_name"],
+    },
+}
+
+
+def _record(text: str, **arguments: Any) -> tuple[dict[str, Any], list[str]]:
+    calls, notes = drop_ungrounded_optional([ToolCall("player_record", arguments)], [RECORD], GroundingContext(text))
+    return calls[0].arguments, notes
+
+
+def test_an_optional_string_that_only_repeats_another_argument_is_dropped() -> None:
+    text = "Kai: Chime, find me the record of Tom Brady in basketball"
+    args, notes = _record(text, player_name="Tom Brady", team="Brady")
+    assert args == {"player_name": "Tom Brady"}
+    assert notes == ["player_record: dropped optional argument team='Brady': it repeats player_name"]
+    # of two optional copies of one said word, the first stays
+    assert _record(text, player_name="Tom Brady", sport="basketball", team="Basketball")[0] == {
+        "player_name": "Tom Brady", "sport": "basketball"}
+    # words said as often as the values use them may fill both, and a value with words of its own stays
+    assert _record("Kai: Brady's record with the Brady Bunch", player_name="Brady", team="Brady")[1] == []
+    assert _record(text, player_name="Tom Brady", team="Tom Brady basketball")[1] == []
+    # required arguments are never dropped, whatever they repeat
+    assert _record(text, team="Brady", player_name="Brady")[0] == {"player_name": "Brady"}
+    assert _record(text, player_name="Tom Brady", note="")[0] == {"player_name": "Tom Brady", "note": ""}
+
+
+LOAN = {
+    "name": "loan",
+    "description": "Monthly payment of a loan.",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "rate": {"type": "number", "description": "Annual interest rate as a decimal, e.g. 0.05 for 5%"},
+            "fee_pct": {"type": "number", "description": "Arrangement fee"},
+            "tax": {"type": "number", "description": "Tax in percent"},
+            "growth": {"type": "number", "description": "Expected growth rate"},
+            "places": {"type": "number", "description": "Decimal places to round to"},
+            "years": {"type": "integer", "description": "Term in years, as a decimal fraction of 100"},
+            "cap_percent": {"type": "number", "description": "Rate cap, e.g. 0.5 = 0.5% (as a decimal: 0.005)"},
+        },
+        "required": ["rate"],
+    },
+}
+
+
+def _loan(text: str, **arguments: Any) -> tuple[dict[str, Any], list[str]]:
+    calls, notes = percent_as_described([ToolCall("loan", arguments)], [LOAN], GroundingContext(text))
+    return calls[0].arguments, notes
+
+
+def test_a_said_percentage_takes_the_form_its_parameter_asks_for() -> None:
+    text = "Lu: 200k at 5% with a 1 percent fee, 20% tax, growth 3%, round to 2, over 25 years"
+    args, notes = _loan(text, rate=5, fee_pct=0.01, tax=0.2, growth=3, places=2, years=25)
+    assert args == {"rate": 0.05, "fee_pct": 1, "tax": 20, "growth": 3, "places": 2, "years": 25}
+    assert notes[0] == "loan: rate=5 passed as 0.05: the percentage said, in the form its description asks for"
+    assert len(notes) == 3
+    # already in the asked form, not a said percentage, or a string: left alone
+    assert _loan(text, rate=0.05, tax=20)[1] == []
+    assert _loan(text, rate=7, tax=0.07)[1] == []
+    assert _loan(text, rate="5")[0] == {"rate": "5"}
+    # a name that says percent decides before the description's examples
+    assert _loan("Lu: capped at 3%", rate=0.03, cap_percent=0.03)[0] == {"rate": 0.03, "cap_percent": 3}
+    assert _loan("Lu: 200k over 25 years at five", rate=5)[1] == []  # no percentage was said
+
+
+FORECAST = {
+    "name": "forecast",
+    "description": "A weather forecast.",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "description": "the city"},
+            "include_humidity": {"type": "boolean", "description": "add humidity"},
+            "withVerdict": {"type": "boolean", "description": "a verdict"},
+            "detailed": {"type": "boolean", "description": "more detail"},
+        },
+        "required": ["city"],
+    },
+}
+
+
+def _flags(text: str, **arguments: Any) -> tuple[dict[str, Any], list[str]]:
+    calls, notes = said_flags([ToolCall("forecast", arguments)], [FORECAST], text)
+    return calls[0].arguments, notes
+
+
+def test_a_flag_the_message_names_is_passed_true() -> None:
+    args, notes = _flags("Chime, weather in Oslo including humidity, with a verdict", city="Oslo",
+                         include_humidity=False, withVerdict=False, detailed=False)  # fmt: skip
+    assert args == {"city": "Oslo", "include_humidity": True, "withVerdict": True, "detailed": False}
+    assert notes == ["forecast: include_humidity=false passed as true: the message asks for humidity",
+                     "forecast: withVerdict=false passed as true: the message asks for verdict"]  # fmt: skip
+    # a negated mention, a true the message does not name, or a flag nobody named: left alone
+    assert _flags("Chime, weather in Oslo without the humidity", city="Oslo", include_humidity=False)[1] == []
+    assert _flags("Chime, Oslo but don't show me humidity", city="Oslo", include_humidity=False)[1] == []
+    assert _flags("Chime, weather in Oslo", city="Oslo", detailed=True)[0]["detailed"] is True
+    assert _flags("Chime, weather in Oslo", city="Oslo", include_humidity=False)[1] == []
+
+
+@pytest.mark.parametrize("read", [True, False])
+def test_the_engine_reads_percentages_and_flags_unless_turned_off(tiny_engine_factory, monkeypatch, read: bool) -> None:
+    engine = tiny_engine_factory(threshold=0.0, read_arguments=read)
+    engine.channel("c", bot_name="Chime", tools=[LOAN, FORECAST])
+    engine.add_human("c", "Mo", "Chime: payment at 4.5%? and the Oslo forecast including humidity")
+    calls = (ToolCall("loan", {"rate": 4.5}), ToolCall("forecast", {"city": "Oslo", "include_humidity": False}))
+    monkeypatch.setattr(engine.fmt, "parse_reply", lambda text: ParsedReply("", calls))
+    reply = engine.generate("c", max_new_tokens=2)
+    if read:
+        assert reply.tool_calls == [ToolCall("loan", {"rate": 0.045}),
+                                    ToolCall("forecast", {"city": "Oslo", "include_humidity": True})]  # fmt: skip
+    else:
+        assert reply.tool_calls == list(calls)
