@@ -58,7 +58,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--free-tool-calls", action="store_true",
                    help="do not constrain tool calls to the tools' JSON schemas (model/constrained.py)")
     g.add_argument("--keep-ungrounded-arguments", action="store_true",
-                   help="pass optional arguments whose values nobody said (model/grounding.py drops them)")
+                   help="pass optional arguments and list items whose values nobody said (model/grounding.py "
+                        "drops them)")
     g.add_argument("--allow-unsaid-required", action="store_true",
                    help="run calls whose required arguments hold numbers nobody said, or one said number in "
                         "several places (model/grounding.py withdraws them and answers in words)")

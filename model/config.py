@@ -71,7 +71,8 @@ class EngineConfig:
     max_tool_rounds: int = 3  # call -> results -> answer rounds per reply
     max_tool_calls_per_turn: int = 8  # calls one bot turn may make; the rest are refused unrun
     constrained_tool_calls: bool = True  # after "<tool_call>", only JSON fitting a tool's schema (model/constrained.py)
-    ground_optional_arguments: bool = True  # drop an optional argument nobody said (model/grounding.py)
+    # drop an optional argument nobody said, and the items of a list nobody said (model/grounding.py)
+    ground_optional_arguments: bool = True
     # withdraw a call whose required arguments hold a number nobody said, or one said number in more places than
     # it was said, and answer in words (model/grounding.py)
     ground_required_arguments: bool = True

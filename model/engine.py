@@ -51,6 +51,7 @@ from model.errors import ConfigError, ModelLoadError
 from model.grounding import (
     GroundingContext,
     drop_ungrounded_optional,
+    drop_unsaid_items,
     percent_as_described,
     said_flags,
     withdraw_unsaid_required,
@@ -606,8 +607,9 @@ class Engine:
                     tool_calls, flags = said_flags(tool_calls, ch.tools, ch.last_message)
                     errors.extend(scaled + flags)
                 if self.config.ground_optional_arguments:
+                    tool_calls, trimmed = drop_unsaid_items(tool_calls, ch.tools, context)
                     tool_calls, dropped = drop_ungrounded_optional(tool_calls, ch.tools, context)
-                    errors.extend(dropped)
+                    errors.extend(trimmed + dropped)
                 if self.config.ground_required_arguments:
                     tool_calls, withdrawn = withdraw_unsaid_required(tool_calls, ch.tools, context)
                     errors.extend(withdrawn)

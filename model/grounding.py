@@ -15,6 +15,12 @@ common with the conversation so far (the people's messages, earlier tool results
     array      kept when every element is grounded; an object when every value is
     boolean    always kept: "yes" has no spelling to look for
 
+`drop_unsaid_items` trims a list of strings (required or optional) to the items somebody said, when at
+least one was said: `plant_types: ["Annual", "Perennial", "Shrub"]` after "a good variety of annual plants"
+keeps "Annual". An item repeated more often than the conversation says it is kept once
+(`["G", "C", "G", "C", "C"]` for "more G and C" is `["G", "C"]`). A list none of whose items was said is
+left to the rules below (an optional one is dropped).
+
 An optional string is also dropped when it only repeats another argument's words, more often than the
 conversation says them: `team: "Brady"` beside `player_name: "Tom Brady"`, `make: "acoustic"` beside
 `type: "acoustic"` ("an acoustic instrument" names one thing, not two). It is compared with the required
@@ -173,6 +179,30 @@ def drop_ungrounded_optional(
             kept[key] = value
         out.append(call if len(kept) == len(call.arguments) else ToolCall(name=call.name, arguments=kept))
     return out, notes
+
+
+def drop_unsaid_items(
+    calls: Sequence[ToolCall], tools: Sequence[dict[str, Any]], context: GroundingContext
+) -> tuple[list[ToolCall], list[str]]:
+    """The calls with each top-level list of strings trimmed to the items somebody said, each kept as often as
+    it was said (see the module's doc), and a note for each list trimmed."""
+
+    def read(key: str, schema: dict[str, Any], value: Any) -> tuple[list[str], str] | None:
+        if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            return None
+        kept: list[str] = []
+        for item in value:
+            words = _WORD_RE.findall(item.lower())
+            if not context.grounds(item):
+                continue
+            if item in kept and words and all(context.word_counts[w] <= kept.count(item) for w in set(words)):
+                continue  # said fewer times than listed: the model repeated it
+            kept.append(item)
+        if not kept or kept == value:
+            return None
+        return kept, "only the items somebody said, as often as they said them"
+
+    return _reread(calls, tools, read)
 
 
 def _repeated(value: Any, others: Sequence[tuple[str, Any]], context: GroundingContext) -> str | None:

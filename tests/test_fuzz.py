@@ -45,6 +45,7 @@ from model.errors import ChimeError, ConversationFormatError
 from model.grounding import (
     GroundingContext,
     drop_ungrounded_optional,
+    drop_unsaid_items,
     percent_as_described,
     said_flags,
     withdraw_unsaid_required,
@@ -486,14 +487,17 @@ SAID = st.text(string.ascii_letters + string.digits + " %.,'-", max_size=40) | s
 @FUZZ
 @given(name=CALL_NAMES, arguments=ARGUMENTS, said=SAID)
 @example(name="measure", arguments={"n": 5, "label": "flag", "x": 5, "flag": False, "unit": "flag"}, said="5% flag")
+@example(name="measure", arguments={"n": 1, "label": "a", "anything": ["a", "b", "a"], "options": ["b"]}, said="a")
 def test_argument_grounding_never_raises_and_only_drops_or_rereads_values(name: str, arguments: dict[str, Any],
                                                                           said: str) -> None:  # fmt: skip
     """The grounding rules take any call: they keep its name, add no argument, drop only optional ones, and
-    change a value only from a number to the said percentage's other form or from false to true."""
+    change a value only from a number to the said percentage's other form, from false to true, or from a
+    list of strings to some of its items."""
     context = GroundingContext(said)
     calls = [ToolCall(name, arguments)]
     calls, _ = percent_as_described(calls, [GROUNDED], context)
     calls, _ = said_flags(calls, [GROUNDED], said)
+    calls, _ = drop_unsaid_items(calls, [GROUNDED], context)
     calls, _ = drop_ungrounded_optional(calls, [GROUNDED], context)
     calls, _ = withdraw_unsaid_required(calls, [GROUNDED], context)
     assert len(calls) <= 1
@@ -506,6 +510,10 @@ def test_argument_grounding_never_raises_and_only_drops_or_rereads_values(name: 
                 continue
             if before is False:
                 assert value is True
+            elif isinstance(before, list):  # a list of strings trimmed to some of its items, in order
+                assert value and all(isinstance(v, str) for v in before) and len(value) < len(before)
+                rest = iter(before)
+                assert all(any(v == b for b in rest) for v in value)
             else:
                 assert isinstance(before, (int, float)) and isinstance(value, float)
                 assert math.isclose(value, before / 100) or math.isclose(value, before * 100)

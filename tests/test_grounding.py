@@ -11,6 +11,7 @@ from model.engine import IncomingMessage
 from model.grounding import (
     GroundingContext,
     drop_ungrounded_optional,
+    drop_unsaid_items,
     percent_as_described,
     said_flags,
     withdraw_unsaid_required,
@@ -251,6 +252,26 @@ def test_an_optional_string_that_only_repeats_another_argument_is_dropped() -> N
     # required arguments are never dropped, whatever they repeat
     assert _record(text, team="Brady", player_name="Brady")[0] == {"player_name": "Brady"}
     assert _record(text, player_name="Tom Brady", note="")[0] == {"player_name": "Tom Brady", "note": ""}
+
+
+def test_a_list_of_strings_keeps_the_items_somebody_said() -> None:
+    nursery = {"name": "nursery", "parameters": {"type": "object", "required": ["plants"], "properties": {
+        "plants": {"type": "array", "items": {"type": "string"}}, "bases": {"type": "array"},
+        "codes": {"type": "array"}}}}  # fmt: skip
+
+    def trim(text: str, **arguments: Any) -> tuple[dict[str, Any], list[str]]:
+        calls, notes = drop_unsaid_items([ToolCall("nursery", arguments)], [nursery], GroundingContext(text))
+        return calls[0].arguments, notes
+
+    args, notes = trim("Ola: nurseries with annual plants and shrubs, heavy on G and C",
+                       plants=["Annual", "Perennial", "Shrub", "Tree"], bases=["G", "C", "G", "C", "C"])  # fmt: skip
+    assert args == {"plants": ["Annual", "Shrub"], "bases": ["G", "C"]}
+    assert notes[0] == ("nursery: plants=['Annual', 'Perennial', 'Shrub', 'Tree'] passed as ['Annual', 'Shrub']: "
+                        "only the items somebody said, as often as they said them")  # fmt: skip
+    # said twice, listed twice; nothing said is left to the other rules; numbers are not items here
+    assert trim("Ola: a and b, then a again", plants=["a", "b", "a"])[1] == []
+    assert trim("Ola: tickers please", codes=["AAPL", "MSFT"])[0] == {"codes": ["AAPL", "MSFT"]}
+    assert trim("Ola: 3 and 4", bases=[3, 4, 5])[1] == []
 
 
 LOAN = {
