@@ -46,6 +46,7 @@ invented values. `EngineConfig.ground_optional_arguments` and `ground_required_a
 from __future__ import annotations
 
 import collections
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -119,7 +120,7 @@ class GroundingContext:
         if isinstance(value, bool) or value is None:
             return True
         if isinstance(value, (int, float)):
-            return self.has_number(float(value))
+            return self.has_number(_float(value))
         if isinstance(value, str):
             if not letters:
                 digits = _DIGITS_RE.findall(value)
@@ -251,7 +252,7 @@ def _reread(
 def _shown(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    return format_number(float(value)) if isinstance(value, (int, float)) else repr(value)
+    return format_number(_float(value)) if isinstance(value, (int, float)) else repr(value)
 
 
 def percent_as_described(
@@ -276,8 +277,9 @@ def percent_as_described(
             fraction = False
         else:
             return None
+        number = _float(value)
         for p in context.percents:
-            if p != 0 and _close(value, p if fraction else p / 100):
+            if p != 0 and _close(number, p if fraction else p / 100):
                 return (p / 100 if fraction else p), "the percentage said, in the form its description asks for"
         return None
 
@@ -362,13 +364,22 @@ def withdraw_unsaid_required(
     return kept, notes
 
 
+def _float(value: int | float) -> float:
+    """`value` as a float; an integer too large for one (JSON allows any length) as an infinity, which no said
+    number matches."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def _as_number(value: Any) -> float | None:
     """A leaf value as a number: a number, or a string that is one whole ("3", "1,500"); the digits inside
     a date or a name are not a number, and booleans are not numbers."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value)
+        return _float(value)
     if isinstance(value, str) and _NUMBER_RE.fullmatch(value.strip()):
         return float(value.strip().replace(",", ""))
     return None

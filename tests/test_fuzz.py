@@ -488,6 +488,7 @@ SAID = st.text(string.ascii_letters + string.digits + " %.,'-", max_size=40) | s
 @given(name=CALL_NAMES, arguments=ARGUMENTS, said=SAID)
 @example(name="measure", arguments={"n": 5, "label": "flag", "x": 5, "flag": False, "unit": "flag"}, said="5% flag")
 @example(name="measure", arguments={"n": 1, "label": "a", "anything": ["a", "b", "a"], "options": ["b"]}, said="a")
+@example(name="measure", arguments={"n": 10**400, "label": "a", "x": -(10**400), "ids": [10**400]}, said="5% 1e400")
 def test_argument_grounding_never_raises_and_only_drops_or_rereads_values(name: str, arguments: dict[str, Any],
                                                                           said: str) -> None:  # fmt: skip
     """The grounding rules take any call: they keep its name, add no argument, drop only optional ones, and
