@@ -73,13 +73,13 @@ NUMBER_WORDS = {w: float(i) for i, w in enumerate(
     "triple": 3.0, "first": 1.0, "second": 2.0, "third": 3.0}  # fmt: skip
 
 
+def _close(value: float, target: float) -> bool:
+    return abs(value - target) <= 1e-9 * max(1.0, abs(target))
+
+
 def _same_number(said: float, value: float) -> bool:
     """Whether `value` is the number `said`, as written or scaled by one of `_SCALES` either way."""
-    for s in _SCALES:
-        for candidate in (said * s, said / s):
-            if abs(candidate - value) <= 1e-9 * max(1.0, abs(value)):
-                return True
-    return False
+    return any(_close(candidate, value) for s in _SCALES for candidate in (said * s, said / s))
 
 
 class GroundingContext:
@@ -193,9 +193,9 @@ def drop_unsaid_items(
             return None
         kept: list[str] = []
         for item in value:
-            words = _WORD_RE.findall(item.lower())
             if not context.grounds(item):
                 continue
+            words = _WORD_RE.findall(item.lower())
             if item in kept and words and all(context.word_counts[w] <= kept.count(item) for w in set(words)):
                 continue  # said fewer times than listed: the model repeated it
             kept.append(item)
@@ -328,10 +328,6 @@ def said_flags(
         return None
 
     return _reread(calls, tools, read)
-
-
-def _close(value: float, target: float) -> bool:
-    return abs(value - target) <= 1e-9 * max(1.0, abs(target))
 
 
 def withdraw_unsaid_required(
