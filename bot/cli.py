@@ -66,6 +66,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--raw-arguments", action="store_true",
                    help="pass percentages and boolean flags as the model wrote them (model/grounding.py passes a "
                         "said percentage in the form its parameter asks for, and a flag the message names as true)")
+    g.add_argument("--single-calls", action="store_true",
+                   help="make only the calls the model wrote (model/said_lists.py copies a call for each other "
+                        "item of a list the message says, \"5, 10 and 15\", each further group of numbers said, "
+                        "and each number said after a parameter's name)")
     g.add_argument("--free-answer-numbers", action="store_true",
                    help="let an answer to tool results write numbers the conversation does not hold "
                         "(model/answer_numbers.py keeps them to the results' and people's numbers)")
@@ -107,6 +111,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         "ground_required_arguments": False if args.allow_unsaid_required else None,
         "ground_answer_numbers": False if args.free_answer_numbers else None,
         "read_arguments": False if args.raw_arguments else None,
+        "one_call_per_item": False if args.single_calls else None,
         "tool_call_threshold": args.tool_call_threshold,
         "tool_call_relevance_weight": args.tool_call_relevance_weight,
         "tool_call_gate": False if args.no_tool_gate else None,

@@ -79,6 +79,9 @@ class EngineConfig:
     # read two kinds of argument off the person's words (model/grounding.py): a percentage said, as the fraction
     # (0.05) or percent (5) its parameter's description asks for; a boolean flag the message names, as true
     read_arguments: bool = True
+    # a call whose argument holds one item of a list the latest message says ("5, 10 and 15", "Seattle and Los
+    # Angeles") is copied once for each other item (model/said_lists.py)
+    one_call_per_item: bool = True
     # in an answer to tool results, write only numbers the conversation holds, as said or rounded, grouped, ...
     # (model/answer_numbers.py; local backend)
     ground_answer_numbers: bool = True

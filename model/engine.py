@@ -64,6 +64,7 @@ from model.loading import (
     resolve_tool_call_threshold,
 )
 from model.runner import Runner, build_runner
+from model.said_lists import one_call_per_said_item
 from model.tool_format import TOOL_CALL_OPEN
 from model.tool_retrieval import RETRIEVAL_MESSAGES, ToolRetriever, relevance
 from model.tools import ToolBudget, ToolRegistry, ToolResult, registry_from_names
@@ -571,8 +572,9 @@ class Engine:
         Parsed calls are grounded (`model/grounding.py`): optional arguments nobody said are dropped, and a
         call whose required argument holds a number nobody said is withdrawn. When every call is withdrawn the
         answer is decoded again with the call opening banned, so the bot answers (or asks) in words; a
-        streamed reply has already sent its text, so it only loses the calls. An answer to tool results writes
-        only numbers the conversation holds (`model/answer_numbers.py`).
+        streamed reply has already sent its text, so it only loses the calls. A call for one item of a list
+        the latest message says is copied for the others (`model/said_lists.py`). An answer to tool results
+        writes only numbers the conversation holds (`model/answer_numbers.py`).
         """
         with self._lock:
             start = time.perf_counter()
@@ -621,6 +623,9 @@ class Engine:
                         retry = self.fmt.parse_reply(self.fmt.decode(again))
                         text, n_tokens = retry.text, n_tokens + len(again)
                         errors.extend(retry.errors)
+                if tool_calls and first and self.config.one_call_per_item:  # not again after the results
+                    tool_calls, copied = one_call_per_said_item(tool_calls, ch.tools, ch.last_message)
+                    errors.extend(copied)
             return Reply(
                 text=text,
                 tool_calls=tool_calls,

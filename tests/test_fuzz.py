@@ -50,6 +50,7 @@ from model.grounding import (
     said_flags,
     withdraw_unsaid_required,
 )
+from model.said_lists import one_call_per_said_item
 from model.tool_format import FORMATS, MAX_CALLS_PER_TURN
 from model.tools import Tool, ToolBudget, ToolError, ToolRegistry
 from tests.tiny import build_tiny_tokenizer
@@ -518,6 +519,39 @@ def test_argument_grounding_never_raises_and_only_drops_or_rereads_values(name: 
             else:
                 assert isinstance(before, (int, float)) and isinstance(value, float)
                 assert math.isclose(value, before / 100) or math.isclose(value, before * 100)
+
+
+LISTED = st.text(string.ascii_letters + string.digits + " ,&'$%.-()", max_size=60) | st.sampled_from(
+    ["5, 10 and 15", "Oslo, Bergen and Tromsø", "3 and 4, 5 and 12", "flag and label or x", "1,000 or 2,000m",
+     "n 5 x 2.5, n 6 x 3.5", "label a and label b, x of 5% or x of 7%"])  # fmt: skip
+
+
+@FUZZ
+@given(name=CALL_NAMES, arguments=ARGUMENTS, said=LISTED)
+@example(name="measure", arguments={"n": 5, "label": "Oslo"}, said="5, 10 and 15 in Oslo or Bergen")
+@example(name="measure", arguments={"n": 5, "x": 1.5}, said="5 and " + "9" * 400 + " and 1.5 or 2")
+@example(name="measure", arguments={"n": 5, "x": 0.05}, said="n 5 x 5%, then n 6 x 7%")
+def test_one_call_per_said_item_never_raises_and_only_copies_a_call_with_said_values(
+    name: str, arguments: dict[str, Any], said: str
+) -> None:
+    """Any call and any message: the call the model wrote comes first, unchanged, and each call added is a new
+    copy of it with string or number arguments changed to values the message says (a said percentage may be
+    passed as its fraction)."""
+    calls, notes = one_call_per_said_item([ToolCall(name, arguments)], [GROUNDED], said)
+    assert calls[0] == ToolCall(name, arguments) and len(notes) == len(calls) - 1 <= 7
+    numbers = [float(n.replace(",", "")) for n in re.findall(r"\d+(?:,\d{3})*(?:\.\d+)?", said)]
+    for i, call in enumerate(calls[1:], 1):
+        assert call.name == name == "measure" and set(call.arguments) == set(arguments)
+        assert call not in calls[:i]
+        changed = [k for k, v in arguments.items() if call.arguments[k] != v or type(call.arguments[k]) is not type(v)]
+        assert changed
+        for key in changed:
+            value = call.arguments[key]
+            assert isinstance(value, (str, int, float)) and not isinstance(value, bool)
+            if isinstance(value, str) and not re.fullmatch(r"-?[\d.]+", value):
+                assert value.lower() in said.lower()
+            else:
+                assert any(math.isclose(float(value), n) or math.isclose(float(value) * 100, n) for n in numbers)
 
 
 class Unprintable:
