@@ -19,16 +19,15 @@ joined by commas, "and", "or" or "&" with nothing else between them:
                transfer" is no list), and followed by punctuation, the end, or a word such as "in", "at" or
                "for" ("meters and a height of 20" is no list)
 
-A list of names holds no word in capitals unless they all are ("Nordlys AS in NO and Vantor GmbH" is no
-list of NO and Vantor GmbH). A list of words needs an "and", "or" or "&" ("Chicago, Illinois" is one place), and two words joined by a
-comma and "and" are two clauses, not a list ("is vegan, and takes under 30 minutes"); numbers may be joined
-by commas alone ("case numbers 67813, 71249"). A quoted value's list is quoted too ("'dataset1' and
-'dataset2'"). A call is copied only when none of the list's other items is already in it:
+A list of names holds no word in capitals unless they all are ("Nordlys AS in NO and Vantor GmbH" is no list
+of NO and Vantor GmbH). A list of words needs an "and", "or" or "&" ("Chicago, Illinois" is one place), and
+two words joined by a comma and "and" are two clauses, not a list ("is vegan, and takes under 30 minutes");
+numbers may be joined by commas alone ("case numbers 67813, 71249"). A quoted value's list is quoted too
+("'dataset1' and 'dataset2'"). A call is copied only when none of the list's other items is already in it:
 `distance(origin="New York", destination="Boston")` after "New York and Boston" uses both and stays one
-call. An item another call to the same tool already passes in that argument is not copied again (the model
-wrote the calls for 5 and 10: only 15 is added), nor is one any call holds in another argument. Only top-level string, number and integer arguments are
-read, one per call (the first that holds an item), and an item the parameter's type or `enum` cannot take is
-not copied.
+call. An item any call of the reply already holds is not copied again (the model wrote the calls for 5 and
+10: only 15 is added). Only top-level string, number and integer arguments are read, one per call (the first
+that holds an item), and an item the parameter's type or `enum` cannot take is not copied.
 
 **A group of said numbers.** Where that leaves one call, and its number arguments hold two or more numbers
 said one after another, the numbers it leaves unused are cut into groups of as many, in order; each group
@@ -72,21 +71,20 @@ _CAPITAL_ITEM = r"[A-Z](?:[\w&.-]|'(?!s\b)(?=\w))*(?:\s+[A-Z0-9](?:[\w&-]|'(?!s\
 _WORD = r"[^\W\d_](?:[\w-]|'(?!s\b)(?=\w))*"  # "don't" is a word; "Madrid's" is "Madrid"
 # what may follow the last item of a list of lower-case words: "copper and aluminum?", "water and iron at sea
 # level", not "meters and a height of 20"
-_CLOSED_RE = re.compile(r"(?:'s)?\s*(?:[.,;:!?)\"']|$|(?:in|on|at|for|from|with|to|using|by|as|respectively|each|please)\b)")
-# numbers that are no list of alternatives: a date ("May 1, 2022", "2022-05-01"), a time ("52:30"), a point or
-# a list written out ("(3, 4)", "[45, 12, 67]"), an exponent ("m^3")
+_CLOSED_RE = re.compile(
+    r"(?:'s)?\s*(?:[.,;:!?)\"']|$|(?:in|on|at|for|from|with|to|using|by|as|respectively|each|please)\b)"
+)
+# the word after a number that is its unit ("6 feet"), unless it is one of these
 _UNIT_RE = re.compile(r" ?([^\W\d_]+)")
 _NOT_UNITS = frozenset(_NOT_ITEMS.split("|")) | {"of", "to", "for", "with", "at", "by", "from", "the", "a", "an"}
-_DATE_OR_EXPONENT_RE = re.compile(
+# numbers that are not numbers of their own: a date ("May 1, 2022", "2022-05-01"), a time ("52:30"), an exponent
+# ("m^3"); and, for lists of alternatives, a point or a list written out ("(3, 4)", "[45, 12, 67]")
+_DATE_TIME_EXPONENT = (
     r"\b(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?\s+\d{1,2}(?:st|nd|rd|th)?,?\s+\d{4}"
-    r"|\d{4}-\d{1,2}-\d{1,2}|\d{1,2}:\d{2}(?::\d{2})?|\^\s*-?\d+",
-    flags=re.IGNORECASE,
+    r"|\d{4}-\d{1,2}-\d{1,2}|\d{1,2}:\d{2}(?::\d{2})?|\^\s*-?\d+"
 )
-_NOT_A_LIST_RE = re.compile(
-    r"\b(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?\s+\d{1,2}(?:st|nd|rd|th)?,?\s+\d{4}"
-    r"|\d{4}-\d{1,2}-\d{1,2}|\d{1,2}:\d{2}(?::\d{2})?|\([^()]*,[^()]*\)|\[[^\[\]]*,[^\[\]]*\]|\^\s*-?\d+",
-    flags=re.IGNORECASE,
-)
+_NOT_OWN_NUMBERS_RE = re.compile(_DATE_TIME_EXPONENT, flags=re.IGNORECASE)
+_NOT_A_LIST_RE = re.compile(_DATE_TIME_EXPONENT + r"|\([^()]*,[^()]*\)|\[[^\[\]]*,[^\[\]]*\]", flags=re.IGNORECASE)
 _MAX_ITEMS = 8
 _LOOK_BACK = 200  # characters searched for the item before another (the search is quadratic in them)
 
@@ -271,7 +269,7 @@ class _Said:
 
 def _said_numbers(message: str) -> list[_Said]:
     """The numbers said in `message`, in order, without those inside a date or an exponent."""
-    message = _DATE_OR_EXPONENT_RE.sub(lambda m: " " * len(m.group()), message)
+    message = _NOT_OWN_NUMBERS_RE.sub(lambda m: " " * len(m.group()), message)
     out = []
     for m in _NUMBER_ITEM_RE.finditer(message):
         value = float(m.group(1).replace(",", ""))
