@@ -80,7 +80,8 @@ class EngineConfig:
     # (0.05) or percent (5) its parameter's description asks for; a boolean flag the message names, as true
     read_arguments: bool = True
     # a call whose argument holds one item of a list the latest message says ("5, 10 and 15", "Seattle and Los
-    # Angeles") is copied once for each other item (model/said_lists.py)
+    # Angeles") is copied once for each other item; a lone call, for each further group of said numbers and each
+    # number said after one of its parameters' names (model/said_lists.py)
     one_call_per_item: bool = True
     # in an answer to tool results, write only numbers the conversation holds, as said or rounded, grouped, ...
     # (model/answer_numbers.py; local backend)

@@ -292,10 +292,16 @@ _NEGATIONS = frozenset("no not without exclude excluding except never don't dont
 _CAMEL_RE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
 
+def parameter_words(name: str) -> list[str]:
+    """The words of a parameter's name, lower-cased: `include_owner` -> ["include", "owner"], `fullName` ->
+    ["full", "name"]."""
+    return _WORD_RE.findall(_CAMEL_RE.sub("_", name).replace("_", " ").lower())
+
+
 def _flag_words(name: str) -> list[str]:
     """The words of a boolean parameter's name that say what it turns on: `include_owner` -> ["owner"],
     `fullName` -> ["full", "name"]."""
-    words = _WORD_RE.findall(_CAMEL_RE.sub("_", name).replace("_", " ").lower())
+    words = parameter_words(name)
     while words and words[0] in _FLAG_VERBS:
         words = words[1:]
     return words

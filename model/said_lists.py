@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model.conversation import ToolCall
-from model.grounding import _CAMEL_RE, _WORD_RE, _as_number, _close, _with_parameters
+from model.grounding import _WORD_RE, _as_number, _close, _leaves, _with_parameters, parameter_words
 from model.tools import format_number
 
 # between two items: a comma (with "and"/"or" after it or not), or "and"/"or"/"&" alone
@@ -181,16 +181,12 @@ def _is(value: Any, item: Any) -> bool:
 def _holds(arguments: dict[str, Any], item: Any) -> bool:
     """Whether any argument value (at any depth) is or contains the item."""
 
-    def walk(value: Any) -> bool:
-        if isinstance(value, dict):
-            return any(walk(v) for v in value.values())
-        if isinstance(value, list):
-            return any(walk(v) for v in value)
+    def holds(value: Any) -> bool:
         if isinstance(item, str) and isinstance(value, str):
             return re.search(rf"(?<!\w){re.escape(item)}(?!\w)", value, flags=re.IGNORECASE) is not None
         return _is(value, item)
 
-    return walk(arguments)
+    return any(holds(leaf) for leaf in _leaves(arguments))
 
 
 def _typed(item: Any, schema: dict[str, Any]) -> Any:
@@ -287,8 +283,7 @@ def _fills(number: float, said: _Said) -> bool:
 def _name_words(key: str) -> set[str]:
     """A parameter name's words of three letters or more, each also with a plural "s": `initial_velocity` ->
     {"initial", "initials", "velocity", "velocitys"}; "played" is not `player_count`'s."""
-    words = [w for w in _WORD_RE.findall(_CAMEL_RE.sub("_", key).replace("_", " ").lower()) if len(w) >= 3]
-    return {form for w in words for form in (w, w + "s")}
+    return {form for w in parameter_words(key) if len(w) >= 3 for form in (w, w + "s")}
 
 
 def _per_number_group(
@@ -300,24 +295,27 @@ def _per_number_group(
     if params is None or len(said) < 2:
         return [], []
     properties = params.get("properties") or {}
-    slots: list[tuple[int, str]] = []  # (index of the said number, parameter) for each number argument
     used: set[int] = set()
-    for key, value in call.arguments.items():
-        schema = properties.get(key)
-        number = _as_number(value)
-        if not isinstance(schema, dict) or schema.get("type") not in ("number", "integer") or number is None:
-            continue
-        index = next((i for i, n in enumerate(said) if i not in used and _fills(number, n)), None)
-        if index is not None:
-            used.add(index)
-            slots.append((index, key))
-    for value in _leaves_of(call.arguments):  # numbers in strings and lists are used too
+
+    def take(value: Any) -> int | None:
+        """The first said number not yet used that `value` is, now used; None when there is none."""
         number = _as_number(value)
         if number is None:
-            continue
+            return None
         index = next((i for i, n in enumerate(said) if i not in used and _fills(number, n)), None)
         if index is not None:
             used.add(index)
+        return index
+
+    slots: list[tuple[int, str]] = []  # (index of the said number, parameter) for each number argument
+    for key, value in call.arguments.items():
+        schema = properties.get(key)
+        if not isinstance(schema, dict) or schema.get("type") not in ("number", "integer"):
+            continue
+        if (index := take(value)) is not None:
+            slots.append((index, key))
+    for value in _leaves(call.arguments):  # numbers in strings and lists are used too
+        take(value)
     unused = [i for i in range(len(said)) if i not in used]
     if not slots or not unused:
         return [], []
@@ -382,10 +380,3 @@ def _typed_said(said: _Said, was: Any, schema: dict[str, Any]) -> Any:
         value /= 100
     return _typed(value, schema)
 
-
-def _leaves_of(value: Any) -> list[Any]:
-    if isinstance(value, dict):
-        return [leaf for v in value.values() for leaf in _leaves_of(v)]
-    if isinstance(value, list):
-        return [leaf for v in value for leaf in _leaves_of(v)]
-    return [value]
