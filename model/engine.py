@@ -53,7 +53,9 @@ from model.grounding import (
     drop_ungrounded_optional,
     drop_unsaid_items,
     percent_as_described,
+    said_direction,
     said_flags,
+    said_whole,
     withdraw_unsaid_required,
 )
 from model.loading import (
@@ -607,7 +609,9 @@ class Engine:
                 if self.config.read_arguments:
                     tool_calls, scaled = percent_as_described(tool_calls, ch.tools, context)
                     tool_calls, flags = said_flags(tool_calls, ch.tools, ch.last_message)
-                    errors.extend(scaled + flags)
+                    tool_calls, swapped = said_direction(tool_calls, ch.tools, ch.last_message)
+                    tool_calls, whole = said_whole(tool_calls, ch.tools, ch.last_message)
+                    errors.extend(scaled + flags + swapped + whole)
                 if self.config.ground_optional_arguments:
                     tool_calls, trimmed = drop_unsaid_items(tool_calls, ch.tools, context)
                     tool_calls, dropped = drop_ungrounded_optional(tool_calls, ch.tools, context)

@@ -46,6 +46,7 @@ invented values. `EngineConfig.ground_optional_arguments` and `ground_required_a
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -399,3 +400,181 @@ def _reused_numbers(values: Sequence[Any], context: GroundingContext) -> list[tu
         if slots > 1 and slots > (said := context.times_said(value)):
             out.append((value, slots, said))
     return out
+
+
+# which way a pair of string parameters points: the word that names the source and the one that names the target
+_SOURCE_WORDS = frozenset("from source src origin base input".split())
+_TARGET_WORDS = frozenset("to target dest destination output into".split())
+# the words a target is said after ("in km", "to Boston", "into euros", "as hex"); "how many km" is read apart
+_TARGET_CUES = frozenset("to into in as".split())
+# words that are units to pint but never name a value here ("in" is inch, "a" a year, "at" an atmosphere)
+_NOT_NAMES = frozenset("a an at in to as of per is by the and or s h".split())
+_CUE_TOKEN_RE = re.compile(r"\d+(?:[.,]\d+)*|[^\W\d_]+(?:/[^\W\d_]+)?")
+_DEGREE_RE = re.compile(r"[°º]\s*")
+_TEMPERATURE_LETTERS = {"f": "degF", "c": "degC"}  # "350 F", "30 C": farad and coulomb to pint
+
+
+def _direction_pairs(properties: dict[str, Any]) -> list[tuple[str, str]]:
+    """(source, target) pairs among the string parameters: names alike but for one word that names a source and
+    one that names a target (`from_unit` and `to_unit`, `base_currency` and `target_currency`, `origin` and
+    `destination`); a name that could pair with more than one other is left out."""
+    sides: dict[str, dict[tuple[str, ...], list[str]]] = {"source": {}, "target": {}}
+    for name, schema in properties.items():
+        if not (isinstance(schema, dict) and schema.get("type") == "string"):
+            continue
+        words = parameter_words(name)
+        for i, word in enumerate(words):
+            side = "source" if word in _SOURCE_WORDS else "target" if word in _TARGET_WORDS else None
+            if side is not None:
+                sides[side].setdefault(tuple(words[:i] + words[i + 1 :]), []).append(name)
+                break
+    return [(sources[0], targets[0]) for rest, sources in sides["source"].items()
+            if len(sources) == 1 and len(targets := sides["target"].get(rest, [])) == 1]
+
+
+def _unit_of(text: str) -> str | None:
+    """The unit `text` names to pint ("km" and "kilometres" are kilometer), or None: not a unit."""
+    key = text.strip()
+    key = _TEMPERATURE_LETTERS.get(key.lower(), key)
+    if not key or len(key) > 40 or key.lower() in _NOT_NAMES:
+        return None
+    return _parsed_unit(key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_unit(text: str) -> str | None:
+    from model.tools import _unit_registry
+
+    for spelling in dict.fromkeys((text, text.lower())):  # "Fahrenheit" is not a unit to pint, "fahrenheit" is
+        try:
+            return str(_unit_registry().parse_units(_DEGREE_RE.sub("deg", spelling)))
+        except Exception:  # pint raises many kinds of error for words that are not units
+            continue
+    return None
+
+
+def _names(token: str, value: str) -> bool:
+    """Whether the said `token` names the argument `value`: one of its words ("miles" for "mile", "euros" for
+    "EUR", "Boston" for "Boston, MA"), matched as grounding matches words, or the same unit ("fahrenheit" for
+    "degF", "kg" for "kilogram", "F" after a number for "degF")."""
+    t = token.lower()
+    if t in _NOT_NAMES:
+        return False
+    for word in _WORD_RE.findall(value.lower()):
+        if word == t or (len(word) >= 3 and t.startswith(word)) or (len(t) >= 3 and word.startswith(t)):
+            return True
+    unit = _unit_of(token)
+    return unit is not None and unit == _unit_of(value)
+
+
+def _cues(message: str, numbers: Sequence[float]) -> tuple[list[str], list[str]]:
+    """The words of `message` that say a source (the word after one of the call's `numbers`, "20 celsius"; the
+    word after "from") and those that say a target (the word after "to", "into", "in" or "as"; after "how
+    many")."""
+    tokens = _CUE_TOKEN_RE.findall(_DEGREE_RE.sub("deg", message))
+    sources: list[str] = []
+    targets: list[str] = []
+    for i, token in enumerate(tokens[:-1]):
+        following = tokens[i + 1]
+        if following[0].isdigit():
+            continue
+        low = token.lower()
+        if token[0].isdigit():
+            said = _as_number(token)
+            if said is not None and any(_close(said, n) for n in numbers):
+                sources.append(following)
+        elif low == "from":
+            sources.append(following)
+        elif low in _TARGET_CUES or (low == "many" and i > 0 and tokens[i - 1].lower() == "how"):
+            targets.append(following)
+    return sources, targets
+
+
+def said_direction(
+    calls: Sequence[ToolCall], tools: Sequence[dict[str, Any]], message: str
+) -> tuple[list[ToolCall], list[str]]:
+    """The calls with each source and target pair the model wrote the wrong way round swapped, as the latest
+    `message` says them, and a note for each swap.
+
+    A pair is two string parameters named alike but for a source word and a target word (`_direction_pairs`).
+    The message says a source right after the number the call converts ("20 celsius", "350F", "100 miles")
+    and after "from"; it says a target after "to", "into", "in" or "as" ("to fahrenheit", "in km") and after
+    "how many" ("how many km is 100 miles"). The two values are swapped when a said source names the model's
+    target or a said target its source, and nothing the message says agrees with the model's order:
+    `convert_units(20, from_unit="degF", to_unit="degC")` after "convert 20 celsius to fahrenheit" becomes
+    ("degC", "degF"). Values are only exchanged, never written."""
+    out: list[ToolCall] = []
+    notes: list[str] = []
+    for call, params in _with_parameters(calls, tools):
+        pairs = _direction_pairs((params or {}).get("properties") or {}) if params is not None else []
+        arguments = dict(call.arguments) if pairs else {}
+        numbers = [n for v in arguments.values() if (n := _as_number(v)) is not None and not isinstance(v, str)]
+        for source, target in pairs:
+            a, b = arguments.get(source), arguments.get(target)
+            if not (isinstance(a, str) and isinstance(b, str)) or a.strip().lower() == b.strip().lower():
+                continue
+            said_sources, said_targets = _cues(message, numbers)
+            backwards = [t for t in said_sources if _names(t, b) and not _names(t, a)] + [
+                t for t in said_targets if _names(t, a) and not _names(t, b)]
+            forwards = [t for t in said_sources if _names(t, a) and not _names(t, b)] + [
+                t for t in said_targets if _names(t, b) and not _names(t, a)]
+            if backwards and not forwards:
+                arguments[source], arguments[target] = b, a
+                notes.append(f"{call.name}: {source}={a!r} and {target}={b!r} swapped: the message says "
+                             f"{', '.join(repr(t) for t in backwards)} the other way round")
+        out.append(call if not pairs or arguments == call.arguments else ToolCall(name=call.name, arguments=arguments))
+    return out, notes
+
+
+# what stands around a said token but is not part of it: quotes, brackets, the end of a sentence
+_TOKEN_EDGES = "\"'`()[]{}<>\u201c\u201d\u2018\u2019"
+_TOKEN_JOINERS = frozenset("/\\@:~#+")  # what joins the parts of a path, an address, an id, "C#", "C++"
+_JOINER_SPLIT_RE = re.compile(r"[/\\@:~#+]")
+
+
+def _whole_token(value: str, message: str) -> str | None:
+    """The one token of `message` (a run without spaces, less quotes, brackets and a sentence's end) that
+    `value` is a cut-out part of, where the rest is joined on by a path, address or id separator or is only
+    symbols; None when there is none, more than one, or the message also says `value` on its own."""
+    v = value.strip().lower()
+    if not any(ch.isalpha() for ch in v) or any(ch.isspace() for ch in v):
+        return None  # a number ("2022" of "2022/03/11") is a value of its own, not a cut
+    tokens = [raw.strip(_TOKEN_EDGES).rstrip(".,;!?").strip(_TOKEN_EDGES) for raw in message.split()]
+    if any(t.lower() == v for t in tokens):
+        return None
+    found: list[str] = []
+    for token in tokens:
+        low = token.lower()
+        i = low.find(v)
+        if i < 0 or not _TOKEN_JOINERS.intersection(token):
+            continue
+        if (i > 0 and low[i - 1].isalnum()) or (i + len(v) < len(low) and low[i + len(v)].isalnum()):
+            continue  # part of a longer word: "inch" in "inches" is another word, not a cut
+        parts = [p for p in _JOINER_SPLIT_RE.split(token) if p]
+        if all(p.isalpha() for p in parts) and not _TOKEN_JOINERS.intersection(token) - {"/", "\\", ":"}:
+            continue  # words joined by "/" are a pair or a ratio ("USD/EUR", "km/h"), not one name
+        if token not in found:
+            found.append(token)
+    return found[0] if len(found) == 1 else None
+
+
+def said_whole(
+    calls: Sequence[ToolCall], tools: Sequence[dict[str, Any]], message: str
+) -> tuple[list[ToolCall], list[str]]:
+    """The calls with each string argument the model cut out of a longer token of the latest `message` passed
+    whole, and a note for each: `docket: "AL2562"` after "docket numbered 2022/AL2562" is "2022/AL2562",
+    `to: "example.com"` after "at john.doe@example.com" is the address, `data_source: "myfMRI.nii"` the path
+    "~/data/myfMRI.nii", `key: "C"` after "in C# major" is "C#". Only where the rest of the token is joined on
+    by a path, address or id separator (/ \\ @ : ~) or is symbols alone (# +); a word inside a longer word
+    ("inch" in "inches", "gas" in "gas-fueled") and words joined by "/" alone ("USD/EUR", "km/h") are left
+    alone, as is a value without a letter ("2022" of "2022/03/11" is a year), a value the message also says
+    on its own, or one cut out of two different tokens. Only top-level strings of parameters without an
+    enum."""
+
+    def read(key: str, schema: dict[str, Any], value: Any) -> tuple[str, str] | None:
+        if not isinstance(value, str) or schema.get("type") != "string" or "enum" in schema:
+            return None
+        whole = _whole_token(value, message)
+        return None if whole is None else (whole, "the whole of what the message says")
+
+    return _reread(calls, tools, read)

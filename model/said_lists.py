@@ -10,7 +10,8 @@ is copied once for each other item, with that item in the argument's place. A li
 joined by commas, "and", "or" or "&" with nothing else between them:
 
     numbers    "5, 10 and 15", "$1000 or $2000", "5m and 10m" (a unit of up to three letters, or "%", may
-               follow each number); not a date ("May 1, 2022"), a time ("52:30"), a point or list
+               follow each number; after a space, "42.195 km and 21.1 km", only when it follows both, so
+               "3 km and 5 miles" is no list); not a date ("May 1, 2022"), a time ("52:30"), a point or list
                written out ("(3, 4)", "[45, 12, 67]"), or an exponent ("m^3")
     names      "Seattle and Los Angeles", "Taylor Swift, Adele and Maroon 5": runs of capitalised words,
                when the value is said as one ("Madrid's" is "Madrid")
@@ -63,6 +64,8 @@ _SEP = r"(?:\s*,\s*(?:(?:and|or|&)\s+)?|\s+(?:and|or|&)\s+)"
 _NUMBER = r"-?\d+(?:,\d{3})*(?:\.\d+)?"
 _NUMBER_ITEM_RE = re.compile(rf"(?<![\w.])[$£€]?({_NUMBER})(?:[a-zA-Z]{{1,3}}\b|%)?(?!\w|\.\d)")
 _NUMBER_SEP_RE = re.compile(rf"(?:[a-zA-Z]{{1,3}}\b|%)?['\"]?{_SEP}['\"]?")
+# "42.195 km and 21.1 km": a unit after a space joins two numbers only when the next number has it too
+_SPACED_UNIT_SEP_RE = re.compile(rf"\s([a-zA-Z]{{1,3}})\b['\"]?{_SEP}['\"]?")
 # words that begin no item of a list of words: "a human and you", "train and you can transfer"
 _NOT_ITEMS = "|".join("""i you he she it we they me him her us them my your his its our their this that these
 those is are was were be been do does did have has had can could will would should may might must also then
@@ -97,7 +100,7 @@ def _number_lists(message: str) -> list[list[float]]:
     message = _NOT_A_LIST_RE.sub(lambda m: " " * len(m.group()), message)
     for m in _NUMBER_ITEM_RE.finditer(message):
         value = float(m.group(1).replace(",", ""))  # inf for 400 digits: ends the list, and is no item
-        if run and (not math.isfinite(value) or _NUMBER_SEP_RE.fullmatch(message[end : m.start()]) is None):
+        if run and (not math.isfinite(value) or not _joined(message, end, m)):
             if len(run) > 1:
                 lists.append(run)
             run = []
@@ -107,6 +110,18 @@ def _number_lists(message: str) -> list[list[float]]:
     if len(run) > 1:
         lists.append(run)
     return lists
+
+
+def _joined(message: str, end: int, m: re.Match[str]) -> bool:
+    """Whether the number `m` continues the list whose last number ends at `end`: only separators between
+    them ("5, 10", "5m and 10m"), or the same unit of up to three letters after both ("42.195 km and 21.1 km")."""
+    between = message[end : m.start()]
+    if _NUMBER_SEP_RE.fullmatch(between):
+        return True
+    spaced = _SPACED_UNIT_SEP_RE.fullmatch(between)
+    if spaced is None or spaced.group(1).lower() in _NOT_UNITS:
+        return False
+    return re.match(rf"\s{re.escape(spaced.group(1))}\b", message[m.end(1) :], flags=re.IGNORECASE) is not None
 
 
 def _names(said: str) -> bool:

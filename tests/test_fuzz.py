@@ -47,7 +47,9 @@ from model.grounding import (
     drop_ungrounded_optional,
     drop_unsaid_items,
     percent_as_described,
+    said_direction,
     said_flags,
+    said_whole,
     withdraw_unsaid_required,
 )
 from model.said_lists import one_call_per_said_item
@@ -519,6 +521,47 @@ def test_argument_grounding_never_raises_and_only_drops_or_rereads_values(name: 
             else:
                 assert isinstance(before, (int, float)) and isinstance(value, float)
                 assert math.isclose(value, before / 100) or math.isclose(value, before * 100)
+
+
+DIRECTED = {"name": "measure", "parameters": {**SCHEMA, "properties": {
+    **SCHEMA["properties"], "from_unit": {"type": "string"}, "to_unit": {"type": "string"},
+    "origin": {"type": "string"}, "destination": {"type": "string"}}}}  # fmt: skip
+DIRECTIONS = st.text(string.ascii_letters + string.digits + " °/.,-@~#+:'", max_size=40) | st.sampled_from(
+    ["convert 20 celsius to fahrenheit", "how many km is 100 miles", "102.4 F in C", "from Oslo to Rome",
+     "5 in in cm", "1 a to at", "docket 2022/AL25 to a@b.c in C# from ~/x/Oslo"])  # fmt: skip
+UNITS = st.sampled_from(["degF", "degC", "km", "mile", "F", "in", "Oslo", "Rome", "", "°", "a"]) | st.text(max_size=8)
+
+
+@FUZZ
+@given(arguments=ARGUMENTS, ends=st.lists(UNITS, min_size=4, max_size=4) | st.lists(st.sampled_from(SCALARS), max_size=4),
+       said=DIRECTIONS)  # fmt: skip
+@example(arguments={"n": 20}, ends=["degF", "degC", "Rome", "Oslo"], said="20 celsius to fahrenheit from Oslo to Rome")
+@example(arguments={"x": 1e400}, ends=["°", "in", "a", "a"], said="1e400 ° in °")
+@example(arguments={"label": "AL25"}, ends=["C", "a", "b.c", "Oslo"], said="docket 2022/AL25 to a@b.c in C# from ~/x/Oslo")
+def test_said_direction_and_whole_never_raise_and_only_exchange_a_pair_or_pass_a_said_token(
+    arguments: dict[str, Any], ends: list[Any], said: str
+) -> None:
+    """The direction and whole-token reads take any call: they keep the name and every argument, and change
+    values only by exchanging the two of a source and target pair, or by passing a string whole as a token
+    of the message that holds it."""
+    arguments = {**arguments, **dict(zip(["from_unit", "to_unit", "origin", "destination"], ends, strict=False))}
+    calls, notes = said_whole([ToolCall("measure", arguments)], [DIRECTED], said)
+    (whole,) = calls
+    for key, value in whole.arguments.items():
+        if value is not arguments[key]:
+            assert isinstance(value, str) and arguments[key].lower() in value.lower() and value in said
+    assert len(notes) == sum(value is not arguments[key] for key, value in whole.arguments.items())
+    arguments = whole.arguments
+    calls, notes = said_direction([ToolCall("measure", arguments)], [DIRECTED], said)
+    (call,) = calls
+    assert call.name == "measure" and list(call.arguments) == list(arguments)
+    changed = {k for k in arguments if call.arguments[k] is not arguments[k]}
+    assert len(notes) == len(changed) // 2
+    for source, target in (("from_unit", "to_unit"), ("origin", "destination")):
+        if source in changed:
+            assert call.arguments[source] is arguments[target] and call.arguments[target] is arguments[source]
+            changed -= {source, target}
+    assert not changed
 
 
 LISTED = st.text(string.ascii_letters + string.digits + " ,&'$%.-()", max_size=60) | st.sampled_from(

@@ -13,7 +13,9 @@ from model.grounding import (
     drop_ungrounded_optional,
     drop_unsaid_items,
     percent_as_described,
+    said_direction,
     said_flags,
+    said_whole,
     withdraw_unsaid_required,
 )
 from model.tool_format import ParsedReply
@@ -347,16 +349,123 @@ def test_a_flag_the_message_names_is_passed_true() -> None:
     assert _flags("Chime, weather in Oslo", city="Oslo", include_humidity=False)[1] == []
 
 
+CONVERT = {
+    "name": "convert_units",
+    "parameters": {
+        "type": "object",
+        "properties": {"value": {"type": "number"}, "from_unit": {"type": "string"}, "to_unit": {"type": "string"}},
+        "required": ["value", "from_unit", "to_unit"],
+    },
+}
+FLIGHTS = {
+    "name": "flights",
+    "parameters": {
+        "type": "object",
+        "properties": {"origin": {"type": "string"}, "destination": {"type": "string"}, "day": {"type": "string"}},
+        "required": ["origin", "destination"],
+    },
+}
+EXCHANGE = {
+    "name": "exchange",
+    "parameters": {
+        "type": "object",
+        "properties": {"amount": {"type": "number"}, "base_currency": {"type": "string"},
+                       "target_currency": {"type": "string"}},
+    },
+}  # fmt: skip
+
+
+def _direction(tool: dict[str, Any], text: str, **arguments: Any) -> dict[str, Any]:
+    calls, notes = said_direction([ToolCall(tool["name"], arguments)], [tool], text)
+    assert len(notes) == (calls[0].arguments != arguments)
+    return calls[0].arguments
+
+
+@pytest.mark.parametrize(
+    ("text", "value", "written", "said"),
+    [
+        ("Chime, convert 20, 25 and 30 celsius to fahrenheit", 20, ("degF", "degC"), ("degC", "degF")),
+        ("Nova what's 102.4 F in celsius?", 102.4, ("degC", "degF"), ("degF", "degC")),
+        ("Kit convert 30 C to F", 30, ("degF", "degC"), ("degC", "degF")),
+        ("my recipe says 350°F, what is that in Celsius?", 350, ("degC", "degF"), ("degF", "degC")),
+        ("Chime how many km is 100 miles?", 100, ("km", "mile"), ("mile", "km")),
+        ("chime what's 16 mph in km/h", 16, ("km/h", "mph"), ("mph", "km/h")),
+        ("what's 8.5 by 11 inches in cm?", 8.5, ("cm", "inch"), ("inch", "cm")),
+        # the model's order agrees with the message, or the message says both ways: left alone
+        ("Chime how many km is 100 miles?", 100, ("mile", "km"), ("mile", "km")),
+        ("it needs 1 kg. the store sells it in 1 lb tubs, how many tubs", 1, ("lb", "kg"), ("lb", "kg")),
+        # nothing said names either unit ("16 in" is not 16 inches; "from Chicago" is no unit)
+        ("new here from Chicago, what's 16 in my money", 16, ("degF", "degC"), ("degF", "degC")),
+    ],
+)
+def test_a_source_and_target_pair_follows_the_message(
+    text: str, value: float, written: tuple[str, str], said: tuple[str, str]
+) -> None:
+    args = _direction(CONVERT, text, value=value, from_unit=written[0], to_unit=written[1])
+    assert args == {"value": value, "from_unit": said[0], "to_unit": said[1]}
+
+
+def test_any_pair_of_parameters_named_for_a_source_and_a_target_is_read() -> None:
+    assert _direction(FLIGHTS, "any flights from New York to Boston on friday", origin="Boston",
+                      destination="New York", day="friday") == {"origin": "New York", "destination": "Boston",
+                                                                "day": "friday"}  # fmt: skip
+    assert _direction(EXCHANGE, "Convert 150 Euros to Canadian dollars", amount=150, base_currency="CAD",
+                      target_currency="EUR") == {"amount": 150, "base_currency": "EUR", "target_currency": "CAD"}
+    # values the message does not name, equal values, or a number that is not the call's: left alone
+    assert _direction(FLIGHTS, "flights to anywhere warm", origin="Oslo", destination="Rome")["origin"] == "Oslo"
+    assert _direction(EXCHANGE, "150 euros please", amount=150, base_currency="EUR", target_currency="eur") == {
+        "amount": 150, "base_currency": "EUR", "target_currency": "eur"}
+    assert _direction(EXCHANGE, "I paid 20 dollars, convert 150 to euros", amount=150, base_currency="EUR",
+                      target_currency="USD")["base_currency"] == "USD"  # "to euros" is the target
+    assert _direction(EXCHANGE, "I paid 20 dollars, what is 150 worth", amount=150, base_currency="EUR",
+                      target_currency="USD")["base_currency"] == "EUR"  # 20 is not the call's number
+
+
+CASES = {
+    "name": "case_info",
+    "parameters": {
+        "type": "object",
+        "properties": {"docket": {"type": "string"}, "to": {"type": "string"}, "path": {"type": "string"},
+                       "key": {"type": "string"}, "year": {"type": "string"}, "unit": {"type": "string"},
+                       "pair": {"type": "string"}, "court": {"type": "string", "enum": ["AL", "CA"]}},
+    },
+}  # fmt: skip
+
+
+def _whole(text: str, **arguments: Any) -> dict[str, Any]:
+    calls, notes = said_whole([ToolCall("case_info", arguments)], [CASES], text)
+    assert len(notes) == sum(calls[0].arguments[k] != v for k, v in arguments.items())
+    return calls[0].arguments
+
+
+def test_a_path_address_or_id_cut_short_is_passed_whole() -> None:
+    assert _whole("Chime, the victim in docket 2022/AL2562? mail john.doe@example.com, data in '~/data/f.nii'.",
+                  docket="AL2562", to="example.com", path="f.nii") == {
+        "docket": "2022/AL2562", "to": "john.doe@example.com", "path": "~/data/f.nii"}  # fmt: skip
+    assert _whole("What key signature does C# major have? and C++?", key="C") == {"key": "C"}  # two tokens
+    assert _whole("What key signature does C# major have?", key="C") == {"key": "C#"}
+    # a longer word, words joined by "/" alone, a number, a value also said alone, an enum: left alone
+    assert _whole("a 4 inches wide, 16 km/h, USD/EUR rate", unit="inch", pair="USD") == {"unit": "inch", "pair": "USD"}
+    assert _whole("a 4 inches wide, 16 km/h", unit="km") == {"unit": "km"}
+    assert _whole("filed 2022/03/11", year="2022") == {"year": "2022"}
+    assert _whole("docket AL2562, also known as 2022/AL2562", docket="AL2562") == {"docket": "AL2562"}
+    assert _whole("docket 2022/AL2562", court="AL") == {"court": "AL"}
+
+
 @pytest.mark.parametrize("read", [True, False])
-def test_the_engine_reads_percentages_and_flags_unless_turned_off(tiny_engine_factory, monkeypatch, read: bool) -> None:
+def test_the_engine_reads_arguments_off_the_message_unless_turned_off(tiny_engine_factory, monkeypatch, read: bool) -> None:
     engine = tiny_engine_factory(threshold=0.0, read_arguments=read)
-    engine.channel("c", bot_name="Chime", tools=[LOAN, FORECAST])
-    engine.add_human("c", "Mo", "Chime: payment at 4.5%? and the Oslo forecast including humidity")
-    calls = (ToolCall("loan", {"rate": 4.5}), ToolCall("forecast", {"city": "Oslo", "include_humidity": False}))
+    engine.channel("c", bot_name="Chime", tools=[LOAN, FORECAST, CONVERT, CASES])
+    engine.add_human("c", "Mo", "Chime: payment at 4.5%? the Oslo forecast including humidity, 20 C in F, case 2022/AL25")
+    calls = (ToolCall("loan", {"rate": 4.5}), ToolCall("forecast", {"city": "Oslo", "include_humidity": False}),
+             ToolCall("convert_units", {"value": 20, "from_unit": "degF", "to_unit": "degC"}),
+             ToolCall("case_info", {"docket": "AL25"}))
     monkeypatch.setattr(engine.fmt, "parse_reply", lambda text: ParsedReply("", calls))
     reply = engine.generate("c", max_new_tokens=2)
     if read:
         assert reply.tool_calls == [ToolCall("loan", {"rate": 0.045}),
-                                    ToolCall("forecast", {"city": "Oslo", "include_humidity": True})]  # fmt: skip
+                                    ToolCall("forecast", {"city": "Oslo", "include_humidity": True}),
+                                    ToolCall("convert_units", {"value": 20, "from_unit": "degC", "to_unit": "degF"}),
+                                    ToolCall("case_info", {"docket": "2022/AL25"})]  # fmt: skip
     else:
         assert reply.tool_calls == list(calls)

@@ -41,6 +41,10 @@ def test_a_call_for_one_said_number_is_made_for_each_number_of_its_list() -> Non
         {"number": 6}, {"number": 4}, {"number": 8}]  # fmt: skip
     assert _calls("wires of 5m and 10m, copper", RESISTANCE, {"length": 5, "area": 0.5, "material": "copper"})[1] == {
         "length": 10, "area": 0.5, "material": "copper"}  # fmt: skip
+    # a unit after a space joins numbers only when each has it: "42.195 km and 21.1 km", not "3 km and 5 miles"
+    assert _calls("wires of 4.5 mm and 6 mm, copper", RESISTANCE, {"length": 4.5, "area": 1, "material": "copper"})[
+        1] == {"length": 6, "area": 1, "material": "copper"}  # fmt: skip
+    assert len(_calls("wires of 3 km and 5 miles, copper", RESISTANCE, {"length": 3, "material": "copper"})) == 1
     # commas alone join numbers; a number the schema cannot take (2.5 for an integer) is not copied
     assert _calls("case numbers '67813', '71249'", CASE, {"case_number": "67813"}) == [
         {"case_number": "67813"}, {"case_number": "71249"}]  # fmt: skip
