@@ -455,8 +455,9 @@ def _parsed_unit(text: str) -> str | None:
 
 def _names(token: str, value: str) -> bool:
     """Whether the said `token` names the argument `value`: one of its words ("miles" for "mile", "euros" for
-    "EUR", "Boston" for "Boston, MA"), matched as grounding matches words, or the same unit ("fahrenheit" for
-    "degF", "kg" for "kilogram", "F" after a number for "degF")."""
+    "EUR", "Boston" for "Boston, MA"), the same or either starting with the other where that one has three
+    letters or more, or the same unit ("fahrenheit" for "degF", "kg" for "kilogram", "F" after a number for
+    "degF")."""
     t = token.lower()
     if t in _NOT_NAMES:
         return False
@@ -506,14 +507,17 @@ def said_direction(
     out: list[ToolCall] = []
     notes: list[str] = []
     for call, params in _with_parameters(calls, tools):
-        pairs = _direction_pairs((params or {}).get("properties") or {}) if params is not None else []
-        arguments = dict(call.arguments) if pairs else {}
+        pairs = _direction_pairs(params.get("properties") or {}) if params is not None else []
+        if not pairs:
+            out.append(call)
+            continue
+        arguments = dict(call.arguments)
         numbers = [n for v in arguments.values() if (n := _as_number(v)) is not None and not isinstance(v, str)]
+        said_sources, said_targets = _cues(message, numbers)
         for source, target in pairs:
             a, b = arguments.get(source), arguments.get(target)
             if not (isinstance(a, str) and isinstance(b, str)) or a.strip().lower() == b.strip().lower():
                 continue
-            said_sources, said_targets = _cues(message, numbers)
             backwards = [t for t in said_sources if _names(t, b) and not _names(t, a)] + [
                 t for t in said_targets if _names(t, a) and not _names(t, b)]
             forwards = [t for t in said_sources if _names(t, a) and not _names(t, b)] + [
@@ -522,14 +526,14 @@ def said_direction(
                 arguments[source], arguments[target] = b, a
                 notes.append(f"{call.name}: {source}={a!r} and {target}={b!r} swapped: the message says "
                              f"{', '.join(repr(t) for t in backwards)} the other way round")
-        out.append(call if not pairs or arguments == call.arguments else ToolCall(name=call.name, arguments=arguments))
+        out.append(call if arguments == call.arguments else ToolCall(name=call.name, arguments=arguments))
     return out, notes
 
 
 # what stands around a said token but is not part of it: quotes, brackets, the end of a sentence
 _TOKEN_EDGES = "\"'`()[]{}<>\u201c\u201d\u2018\u2019"
 _TOKEN_JOINERS = frozenset("/\\@:~#+")  # what joins the parts of a path, an address, an id, "C#", "C++"
-_JOINER_SPLIT_RE = re.compile(r"[/\\@:~#+]")
+_JOINER_SPLIT_RE = re.compile("[" + re.escape("".join(sorted(_TOKEN_JOINERS))) + "]")
 
 
 def _whole_token(value: str, message: str) -> str | None:
