@@ -55,6 +55,7 @@ from model.grounding import (
     percent_as_described,
     said_direction,
     said_flags,
+    said_sides,
     said_whole,
     withdraw_unsaid_required,
 )
@@ -610,8 +611,9 @@ class Engine:
                     tool_calls, scaled = percent_as_described(tool_calls, ch.tools, context)
                     tool_calls, flags = said_flags(tool_calls, ch.tools, ch.last_message)
                     tool_calls, swapped = said_direction(tool_calls, ch.tools, ch.last_message)
-                    tool_calls, whole = said_whole(tool_calls, ch.tools, ch.last_message)
-                    errors.extend(scaled + flags + swapped + whole)
+                    tool_calls, sided = said_sides(tool_calls, ch.tools, ch.last_message)
+                    tool_calls, whole = said_whole(tool_calls, ch.tools, ch.last_message, ch.bot_name)
+                    errors.extend(scaled + flags + swapped + sided + whole)
                 if self.config.ground_optional_arguments:
                     tool_calls, trimmed = drop_unsaid_items(tool_calls, ch.tools, context)
                     tool_calls, dropped = drop_ungrounded_optional(tool_calls, ch.tools, context)

@@ -36,6 +36,12 @@ neither is left to the model.
 `organic` after "organic bananas". Every word of the parameter's name but a leading verb ("include",
 "with", "is", "show", ...) must be said, and none after a negation ("without the verdict", "not organic").
 
+`said_direction` exchanges a source and target pair (`from_unit`/`to_unit`, `origin`/`destination`) the
+model wrote the wrong way round for the latest message; `said_sides` gives such a pair that names one unit
+on both sides the unit the message says for the other ("4200 feet in metres" answered metre -> m runs
+foot -> m); `said_whole` passes a path, address, id or name the model cut short as the whole the message
+says ("2022/AL2562", "A77312", "Nikola Jokic").
+
 Required arguments are never dropped (the schema wants them whatever they are): `withdraw_unsaid_required`
 withdraws a whole call whose required arguments hold a number nobody said, or one said number in more
 places than it was said. A value the person did state in another form that none of these rules sees
@@ -412,6 +418,7 @@ _NOT_NAMES = frozenset("a an at in to as of per is by the and or s h".split())
 _CUE_TOKEN_RE = re.compile(r"\d+(?:[.,]\d+)*|[^\W\d_]+(?:/[^\W\d_]+)?")
 _DEGREE_RE = re.compile(r"[°º]\s*")
 _TEMPERATURE_LETTERS = {"f": "degF", "c": "degC"}  # "350 F", "30 C": farad and coulomb to pint
+_TEMPERATURES = frozenset(("degree_Fahrenheit", "degree_Celsius", "kelvin"))
 
 
 def _direction_pairs(properties: dict[str, Any]) -> list[tuple[str, str]]:
@@ -530,9 +537,84 @@ def said_direction(
     return out, notes
 
 
+def _unit_form(unit: str, schema: dict[str, Any], documented: Sequence[str], named: bool = True) -> str | None:
+    """How to pass `unit` (a pint unit) to a parameter: the enum value that names it (None when its enum has
+    none), else the first word of the tool's documentation that names it ("degF" from "e.g. mile, kg, degF"),
+    else (`named`) pint's own name ("foot")."""
+    if "enum" in schema:
+        return next((v for v in schema["enum"] if isinstance(v, str) and _unit_of(v) == unit), None)
+    return next((w for w in documented if _unit_of(w) == unit), unit if named else None)
+
+
+def said_sides(
+    calls: Sequence[ToolCall], tools: Sequence[dict[str, Any]], message: str
+) -> tuple[list[ToolCall], list[str]]:
+    """The calls with each source and target pair that names one unit on both sides (a conversion to itself,
+    which nobody asks for) given the unit the latest `message` says for the other side, and a note for each.
+
+    `convert_units(4200, from_unit="metre", to_unit="m")` after "how much is 4200 feet in metres" has the
+    target right (the message says "metres" after "in") and the source wrong (it says "feet" after 4200): the
+    source becomes "foot". "121 C, what's that in F?" answered `("C", "degC")` gets the target "degF"; "2.5
+    cups of flour to grams" answered `("cup", "cup")` the target "g" where the tool documents "g". Pairs and
+    cues are `said_direction`'s. Only where both values are units to pint, and the message says that unit on
+    one side and, on the other, exactly one other unit and never that one. The unit is written as the
+    parameter's enum has it, else as the tool's documentation writes it, else by pint's name. A bare "C" or
+    "F" in a pair of temperatures is written as the documentation writes that unit (pint reads coulomb and
+    farad), where it does."""
+    out: list[ToolCall] = []
+    notes: list[str] = []
+    for call, params in _with_parameters(calls, tools):
+        properties = (params or {}).get("properties") or {}
+        pairs = _direction_pairs(properties)
+        arguments = dict(call.arguments) if pairs else {}
+        numbers = [n for v in arguments.values() if (n := _as_number(v)) is not None and not isinstance(v, str)]
+        said = _cues(message, numbers) if pairs else ([], [])
+        for source, target in pairs:
+            a, b = arguments.get(source), arguments.get(target)
+            unit = _unit_of(a) if isinstance(a, str) and isinstance(b, str) else None
+            if unit is None or _unit_of(b) is None:
+                continue
+            docs = [_tool_description(tools, call.name)] + [str(properties[k].get("description") or "") for k in (source, target)]
+            documented = _DOC_WORD_RE.findall(_ABBREVIATION_RE.sub(" ", " ".join(docs)))
+            for side in (source, target):  # "C" and "F" are coulomb and farad to a tool that reads units with pint
+                value = arguments[side]
+                if isinstance(value, str) and value.strip().lower() in _TEMPERATURE_LETTERS and _unit_of(
+                        arguments[target if side == source else source]) in _TEMPERATURES:
+                    form = _unit_form(_unit_of(value) or "", properties[side], documented, named=False)
+                    if form is not None and form != value:
+                        notes.append(f"{call.name}: {side}={value!r} is {form!r}, as the tool writes it")
+                        arguments[side] = form
+            a, b = arguments[source], arguments[target]
+            if _unit_of(b) != unit:
+                continue
+            for side, (here, there) in ((source, said), (target, said[::-1])):
+                others = {u for t in here if (u := _unit_of(t)) is not None and u != unit}
+                if len(others) != 1 or any(_unit_of(t) == unit for t in here) or not any(_unit_of(t) == unit for t in there):
+                    continue
+                (other,) = others
+                form = _unit_form(other, properties[side], documented)
+                if form is not None:
+                    notes.append(f"{call.name}: {side}={arguments[side]!r} is {form!r}: the message says it "
+                                 f"({other}), and {(a if side == target else b)!r} for the other side")
+                    arguments[side] = form
+                break
+        out.append(call if not arguments or arguments == call.arguments else ToolCall(name=call.name, arguments=arguments))
+    return out, notes
+
+
+def _tool_description(tools: Sequence[dict[str, Any]], name: str) -> str:
+    """The description of the listed tool called `name` ("" when none)."""
+    return next((str(t.get("description") or "") for t in tools if t.get("name") == name), "")
+
+
+_DOC_WORD_RE = re.compile(r"[A-Za-z\u00b0\u00b5_]+")
+_ABBREVIATION_RE = re.compile(r"\b(?:e\.g|i\.e|etc|cf)\.", re.IGNORECASE)  # "e.g." holds no "g" (gram)
+
 # what stands around a said token but is not part of it: quotes, brackets, the end of a sentence
 _TOKEN_EDGES = "\"'`()[]{}<>\u201c\u201d\u2018\u2019"
 _TOKEN_JOINERS = frozenset("/\\@:~#+")  # what joins the parts of a path, an address, an id, "C#", "C++"
+_POSSESSIVE_RE = re.compile(r"['\u2019]s$")
+_PREFIXED_ID_RE = re.compile(r"([A-Z]{1,3}-?)(\d{3,})")  # an order or booking id: "A77312", "HX-55920"
 _JOINER_SPLIT_RE = re.compile("[" + re.escape("".join(sorted(_TOKEN_JOINERS))) + "]")
 
 
@@ -541,10 +623,13 @@ def _whole_token(value: str, message: str) -> str | None:
     `value` is a cut-out part of, where the rest is joined on by a path, address or id separator or is only
     symbols; None when there is none, more than one, or the message also says `value` on its own."""
     v = value.strip().lower()
-    if not any(ch.isalpha() for ch in v) or any(ch.isspace() for ch in v):
-        return None  # a number ("2022" of "2022/03/11") is a value of its own, not a cut
     tokens = [raw.strip(_TOKEN_EDGES).rstrip(".,;!?").strip(_TOKEN_EDGES) for raw in message.split()]
-    if any(t.lower() == v for t in tokens):
+    if any(t.lower() == v for t in tokens) or any(ch.isspace() for ch in v):
+        return None
+    if v.isdigit():  # a number is a value of its own ("2022" of "2022/03/11"), but for an id's letters
+        ids = {t for t in tokens if (m := _PREFIXED_ID_RE.fullmatch(t)) and m.group(2) == v}
+        return ids.pop() if len(ids) == 1 else None
+    if not any(ch.isalpha() for ch in v):
         return None
     found: list[str] = []
     for token in tokens:
@@ -562,8 +647,56 @@ def _whole_token(value: str, message: str) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+_SENTENCE_END_RE = re.compile(r"[.!?]$")
+_RUN_BREAK_RE = re.compile(r"[.,;:!?]$")
+
+
+def _name_runs(message: str, bot_name: str | None = None) -> list[list[str]]:
+    """The runs of capitalised words in `message` ("Dishoom Shoreditch", "Nikola Jokic"): a run ends at
+    punctuation, a bracket or quote, or a word in lower case, and leaves out a sentence's first word ("Find
+    Tesla's price") and the bot's name."""
+    runs: list[list[str]] = []
+    run: list[str] = []
+    initial = True
+    for raw in message.split():
+        if raw[:1] in _TOKEN_EDGES and run:  # "Glucose (C6H12O6)": a bracket or quote starts anew
+            runs.append(run)
+            run = []
+        word = raw.strip(_TOKEN_EDGES)
+        core = _POSSESSIVE_RE.sub("", word.rstrip(".,;:!?").strip(_TOKEN_EDGES))
+        bot = bot_name is not None and core.lower() == bot_name.lower()
+        if core[:1].isupper() and not initial and not bot:
+            run.append(core)
+        elif run:
+            runs.append(run)
+            run = []
+        if run and (_RUN_BREAK_RE.search(word) or raw.rstrip(_TOKEN_EDGES) != raw):
+            runs.append(run)
+            run = []
+        initial = bool(_SENTENCE_END_RE.search(word)) or (bot and initial)
+    if run:
+        runs.append(run)
+    return runs
+
+
+def _whole_name(value: str, message: str, bot_name: str | None = None) -> str | None:
+    """The one run of capitalised words of `message` (`_name_runs`) that holds `value`'s capitalised words in a
+    row and more: "Nikola Jokic" for "Jokic", "Skillet Cornbread" for "Cornbread"; None when there is none,
+    more than one, or the message also says `value` as a run of its own."""
+    words = value.lower().split()
+    if not words or not all(w[:1].isupper() for w in value.split()):
+        return None
+    runs = _name_runs(message, bot_name)
+    lowered = [[w.lower() for w in run] for run in runs]
+    if words in lowered:
+        return None
+    found = {" ".join(run) for run, low in zip(runs, lowered, strict=True)
+             if any(low[i : i + len(words)] == words for i in range(len(low) - len(words) + 1))}
+    return found.pop() if len(found) == 1 else None
+
+
 def said_whole(
-    calls: Sequence[ToolCall], tools: Sequence[dict[str, Any]], message: str
+    calls: Sequence[ToolCall], tools: Sequence[dict[str, Any]], message: str, bot_name: str | None = None
 ) -> tuple[list[ToolCall], list[str]]:
     """The calls with each string argument the model cut out of a longer token of the latest `message` passed
     whole, and a note for each: `docket: "AL2562"` after "docket numbered 2022/AL2562" is "2022/AL2562",
@@ -571,14 +704,33 @@ def said_whole(
     "~/data/myfMRI.nii", `key: "C"` after "in C# major" is "C#". Only where the rest of the token is joined on
     by a path, address or id separator (/ \\ @ : ~) or is symbols alone (# +); a word inside a longer word
     ("inch" in "inches", "gas" in "gas-fueled") and words joined by "/" alone ("USD/EUR", "km/h") are left
-    alone, as is a value without a letter ("2022" of "2022/03/11" is a year), a value the message also says
-    on its own, or one cut out of two different tokens. Only top-level strings of parameters without an
-    enum."""
+    alone, as is a value without a letter ("2022" of "2022/03/11" is a year), but for the digits of an id
+    whose one to three capital letters the model left off (`order_id: "77312"` after "track order A77312",
+    "55920" of "HX-55920"); a value the message also says on its own, or one cut out of two different
+    tokens, is left alone too. A name the model cut short is passed whole in the same way: capitalised words
+    that are part of one longer run of capitalised words of the message (`_name_runs`: not a sentence's first
+    word, not `bot_name`) become the run, `player: "Jokic"` after "Otto Nikola Jokic per-game stats" is
+    "Nikola Jokic". Only top-level strings of parameters without an enum."""
 
-    def read(key: str, schema: dict[str, Any], value: Any) -> tuple[str, str] | None:
+
+    def read(held: set[str], key: str, schema: dict[str, Any], value: Any) -> tuple[str, str] | None:
+        """`held`: the words of the call's string arguments."""
         if not isinstance(value, str) or schema.get("type") != "string" or "enum" in schema:
             return None
         whole = _whole_token(value, message)
-        return None if whole is None else (whole, "the whole of what the message says")
+        if whole is not None:
+            return whole, "the whole of what the message says"
+        name = _whole_name(value, message, bot_name)
+        if name is None or (set(name.lower().split()) - set(value.lower().split())) & held:
+            return None  # the rest of the name is another argument's ("Fender", "American Professional II")
+        return name, "the whole name the message says"
 
-    return _reread(calls, tools, read)
+    out: list[ToolCall] = []
+    notes: list[str] = []
+    for call in calls:
+        values = call.arguments.values() if isinstance(call.arguments, dict) else ()
+        held = {w for v in values if isinstance(v, str) for w in v.lower().split()}
+        read_calls, read_notes = _reread([call], tools, functools.partial(read, held))
+        out.extend(read_calls)
+        notes.extend(read_notes)
+    return out, notes

@@ -49,6 +49,7 @@ from model.grounding import (
     percent_as_described,
     said_direction,
     said_flags,
+    said_sides,
     said_whole,
     withdraw_unsaid_required,
 )
@@ -528,8 +529,10 @@ DIRECTED = {"name": "measure", "parameters": {**SCHEMA, "properties": {
     "origin": {"type": "string"}, "destination": {"type": "string"}}}}  # fmt: skip
 DIRECTIONS = st.text(string.ascii_letters + string.digits + " °/.,-@~#+:'", max_size=40) | st.sampled_from(
     ["convert 20 celsius to fahrenheit", "how many km is 100 miles", "102.4 F in C", "from Oslo to Rome",
-     "5 in in cm", "1 a to at", "docket 2022/AL25 to a@b.c in C# from ~/x/Oslo"])  # fmt: skip
-UNITS = st.sampled_from(["degF", "degC", "km", "mile", "F", "in", "Oslo", "Rome", "", "°", "a"]) | st.text(max_size=8)
+     "5 in in cm", "1 a to at", "docket 2022/AL25 to a@b.c in C# from ~/x/Oslo",
+     "ok, fly from New  York City to Rome's Old Town? track A77312", "4200 feet in metres, 121 C in F"])  # fmt: skip
+UNITS = st.sampled_from(["degF", "degC", "km", "mile", "F", "in", "Oslo", "Rome", "", "°", "a", "York", "New York",
+                         "77312", "metre", "C"]) | st.text(max_size=8)  # fmt: skip
 
 
 @FUZZ
@@ -543,13 +546,14 @@ def test_said_direction_and_whole_never_raise_and_only_exchange_a_pair_or_pass_a
 ) -> None:
     """The direction and whole-token reads take any call: they keep the name and every argument, and change
     values only by exchanging the two of a source and target pair, or by passing a string whole as a token
-    of the message that holds it."""
+    or a run of words of the message that holds it."""
     arguments = {**arguments, **dict(zip(["from_unit", "to_unit", "origin", "destination"], ends, strict=False))}
     calls, notes = said_whole([ToolCall("measure", arguments)], [DIRECTED], said)
     (whole,) = calls
     for key, value in whole.arguments.items():
-        if value is not arguments[key]:
-            assert isinstance(value, str) and arguments[key].lower() in value.lower() and value in said
+        if value is not arguments[key]:  # a token of the message, or a run of its words
+            assert isinstance(value, str) and arguments[key].lower() in value.lower()
+            assert value in said or all(word in said for word in value.split())
     assert len(notes) == sum(value is not arguments[key] for key, value in whole.arguments.items())
     arguments = whole.arguments
     calls, notes = said_direction([ToolCall("measure", arguments)], [DIRECTED], said)
@@ -562,6 +566,28 @@ def test_said_direction_and_whole_never_raise_and_only_exchange_a_pair_or_pass_a
             assert call.arguments[source] is arguments[target] and call.arguments[target] is arguments[source]
             changed -= {source, target}
     assert not changed
+
+
+@FUZZ
+@given(arguments=ARGUMENTS, ends=st.lists(UNITS, min_size=4, max_size=4) | st.lists(st.sampled_from(SCALARS), max_size=4),
+       said=DIRECTIONS)  # fmt: skip
+@example(arguments={"n": 4200}, ends=["metre", "m", "Oslo", "Oslo"], said="4200 feet in metres")
+@example(arguments={"n": 121}, ends=["C", "degC", "a", "a"], said="121 C, what's that in F?")
+def test_said_sides_never_raises_and_only_writes_units_into_a_unit_pair(
+    arguments: dict[str, Any], ends: list[Any], said: str
+) -> None:
+    """The sides read takes any call: it keeps the name and every argument, and changes only a source or
+    target that was a unit to pint, to a spelling of a unit, with a note for each."""
+    from model.grounding import _unit_of
+
+    arguments = {**arguments, **dict(zip(["from_unit", "to_unit", "origin", "destination"], ends, strict=False))}
+    calls, notes = said_sides([ToolCall("measure", arguments)], [DIRECTED], said)
+    (call,) = calls
+    assert call.name == "measure" and list(call.arguments) == list(arguments)
+    changed = [k for k in arguments if call.arguments[k] is not arguments[k]]
+    assert len(notes) >= len(changed) and set(changed) <= {"from_unit", "to_unit", "origin", "destination"}
+    for key in changed:
+        assert _unit_of(arguments[key]) is not None and _unit_of(call.arguments[key]) is not None
 
 
 LISTED = st.text(string.ascii_letters + string.digits + " ,&'$%.-()", max_size=60) | st.sampled_from(

@@ -15,6 +15,7 @@ from model.grounding import (
     percent_as_described,
     said_direction,
     said_flags,
+    said_sides,
     said_whole,
     withdraw_unsaid_required,
 )
@@ -438,6 +439,62 @@ def _whole(text: str, **arguments: Any) -> dict[str, Any]:
     return calls[0].arguments
 
 
+DOCUMENTED = {
+    "name": "convert_units",
+    "description": "Convert a quantity between units.",
+    "parameters": {
+        "type": "object",
+        "properties": {"value": {"type": "number"}, "from_unit": {"type": "string", "description": "e.g. mile, degF"},
+                       "to_unit": {"type": "string", "description": "e.g. km, degC"}},
+    },
+}  # fmt: skip
+
+
+def _sides(tool: dict[str, Any], text: str, value: float, written: tuple[str, str]) -> tuple[tuple[str, str], list[str]]:
+    calls, notes = said_sides([ToolCall(tool["name"], {"value": value, "from_unit": written[0], "to_unit": written[1]})],
+                              [tool], text)  # fmt: skip
+    return (calls[0].arguments["from_unit"], calls[0].arguments["to_unit"]), notes
+
+
+@pytest.mark.parametrize(
+    ("text", "value", "written", "said"),
+    [
+        # one unit on both sides: the side the message names otherwise takes that unit, as the tool writes it
+        ("Chime how much is 4200 feet in metres?", 4200, ("metre", "m"), ("foot", "m")),
+        ("how far is 26.2 miles in km, Chime?", 26.2, ("km", "km"), ("mile", "km")),
+        ("Chime how many km is 100 miles?", 100, ("kilometer", "km"), ("mile", "km")),
+        ("autoclave at 121 C, what's that in F?", 121, ("C", "degC"), ("degC", "degF")),
+        ("what is 30 celsius in fahrenheit", 30, ("degF", "degF"), ("degC", "degF")),
+        # "C" and "F" are coulomb and farad to pint: a temperature pair is written as the tool documents it
+        ("what is 30 C in F", 30, ("C", "F"), ("degC", "degF")),
+        # left alone: the other side's unit is not said, is said on both sides, or more than one is said
+        ("I'm doing the 1650 in May. what's that in metres?", 1650, ("m", "metres"), ("m", "metres")),
+        ("convert 5 kg to kg", 5, ("kg", "kg"), ("kg", "kg")),
+        ("how many km is 100 miles or 100 yards", 100, ("km", "km"), ("km", "km")),
+        # another kind of quantity is what the message asks for ("2.5 cups of flour to grams")
+        ("convert 2.5 cups of flour to grams", 2.5, ("cup", "cup"), ("cup", "gram")),
+        ("chime what's 14000 feet in meters", 14000, ("foot", "meter"), ("foot", "meter")),
+    ],
+)
+def test_a_pair_naming_one_unit_on_both_sides_takes_the_unit_the_message_says(
+    text: str, value: float, written: tuple[str, str], said: tuple[str, str]
+) -> None:
+    got, notes = _sides(DOCUMENTED, text, value, written)
+    assert got == said
+    assert bool(notes) == (got != written)
+
+
+def test_a_said_unit_is_written_as_the_enum_has_it_else_by_pint_s_name() -> None:
+    enum = {"name": "convert", "parameters": {"type": "object", "properties": {
+        "value": {"type": "number"}, "from_unit": {"type": "string", "enum": ["feet", "meters"]},
+        "to_unit": {"type": "string", "enum": ["feet", "meters"]}}}}  # fmt: skip
+    assert _sides(enum, "4200 feet in meters", 4200, ("meters", "meters"))[0] == ("feet", "meters")
+    assert _sides(enum, "4200 yards in meters", 4200, ("meters", "meters"))[0] == ("meters", "meters")  # none fits
+    assert _sides(CONVERT, "4200 feet in metres", 4200, ("m", "m"))[0] == ("foot", "m")  # undocumented: pint's name
+    # undocumented, a temperature letter stays as the model wrote it: another tool may want "C"
+    assert _sides(CONVERT, "what is 30 C in F", 30, ("C", "F"))[0] == ("C", "F")
+
+
 def test_a_path_address_or_id_cut_short_is_passed_whole() -> None:
     assert _whole("Chime, the victim in docket 2022/AL2562? mail john.doe@example.com, data in '~/data/f.nii'.",
                   docket="AL2562", to="example.com", path="f.nii") == {
@@ -450,22 +507,53 @@ def test_a_path_address_or_id_cut_short_is_passed_whole() -> None:
     assert _whole("filed 2022/03/11", year="2022") == {"year": "2022"}
     assert _whole("docket AL2562, also known as 2022/AL2562", docket="AL2562") == {"docket": "AL2562"}
     assert _whole("docket 2022/AL2562", court="AL") == {"court": "AL"}
+    # an id's digits without its capital letters: the whole id; not a number of a word, a date or two ids
+    assert _whole("nope. Chime track order A77312", docket="77312") == {"docket": "A77312"}
+    assert _whole("Nova details for booking HX-55920", docket="55920") == {"docket": "HX-55920"}
+    assert _whole("Chime how does A5 compare to A4, and model Pro700?", docket="5", to="700") == {"docket": "5", "to": "700"}
+    assert _whole("orders A77312 and B77312", docket="77312") == {"docket": "77312"}
+    assert _whole("order A77312, or just 77312", docket="77312") == {"docket": "77312"}
+
+
+def test_a_name_cut_short_is_passed_whole() -> None:
+    calls, notes = said_whole([ToolCall("case_info", {"docket": "Jokic", "to": "Cornbread", "path": "Shoreditch"})],
+                              [CASES], "fine, Otto Nikola Jokic per-game stats, Skillet Cornbread and Dishoom Shoreditch",
+                              bot_name="Otto")  # fmt: skip
+    assert calls[0].arguments == {"docket": "Nikola Jokic", "to": "Skillet Cornbread", "path": "Dishoom Shoreditch"}
+    assert notes[0] == "case_info: docket='Jokic' passed as 'Nikola Jokic': the whole name the message says"
+    # a sentence's first word and the bot's name are no part of a name; a name said alone, a word in lower
+    # case, a name in two runs and an enum are left alone
+    assert _whole("Find Tesla stock price", docket="Tesla") == {"docket": "Tesla"}
+    assert said_whole([ToolCall("case_info", {"docket": "Sevilla"})], [CASES], "ok Bix Sevilla fixtures",
+                      bot_name="Bix")[0][0].arguments == {"docket": "Sevilla"}  # fmt: skip
+    assert _whole("book Dishoom Shoreditch, or just Shoreditch", docket="Shoreditch") == {"docket": "Shoreditch"}
+    assert _whole("book Dishoom Shoreditch", docket="shoreditch") == {"docket": "shoreditch"}
+    assert _whole("Chime, New York or New Jersey?", docket="New") == {"docket": "New"}
+    assert _whole("the court of Alabama Middle District", court="AL") == {"court": "AL"}
+    # a bracket ends a run; the rest of a name another argument holds is that argument's
+    assert _whole("the weight of Glucose (C6H12O6) in grams", docket="C6H12O6") == {"docket": "C6H12O6"}
+    assert _whole("the price of a Fender American Professional II Stratocaster", to="Fender",
+                  path="American Professional II Stratocaster") == {"to": "Fender",
+                                                                    "path": "American Professional II Stratocaster"}  # fmt: skip
 
 
 @pytest.mark.parametrize("read", [True, False])
 def test_the_engine_reads_arguments_off_the_message_unless_turned_off(tiny_engine_factory, monkeypatch, read: bool) -> None:
     engine = tiny_engine_factory(threshold=0.0, read_arguments=read)
     engine.channel("c", bot_name="Chime", tools=[LOAN, FORECAST, CONVERT, CASES])
-    engine.add_human("c", "Mo", "Chime: payment at 4.5%? the Oslo forecast including humidity, 20 C in F, case 2022/AL25")
+    engine.add_human("c", "Mo", "Chime: payment at 4.5%? the Oslo forecast including humidity, 20 C in F, case "
+                                "2022/AL25, and 4200 feet in metres")
     calls = (ToolCall("loan", {"rate": 4.5}), ToolCall("forecast", {"city": "Oslo", "include_humidity": False}),
              ToolCall("convert_units", {"value": 20, "from_unit": "degF", "to_unit": "degC"}),
-             ToolCall("case_info", {"docket": "AL25"}))
+             ToolCall("case_info", {"docket": "AL25"}),
+             ToolCall("convert_units", {"value": 4200, "from_unit": "metre", "to_unit": "m"}))
     monkeypatch.setattr(engine.fmt, "parse_reply", lambda text: ParsedReply("", calls))
     reply = engine.generate("c", max_new_tokens=2)
     if read:
         assert reply.tool_calls == [ToolCall("loan", {"rate": 0.045}),
                                     ToolCall("forecast", {"city": "Oslo", "include_humidity": True}),
                                     ToolCall("convert_units", {"value": 20, "from_unit": "degC", "to_unit": "degF"}),
-                                    ToolCall("case_info", {"docket": "2022/AL25"})]  # fmt: skip
+                                    ToolCall("case_info", {"docket": "2022/AL25"}),
+                                    ToolCall("convert_units", {"value": 4200, "from_unit": "foot", "to_unit": "m"})]  # fmt: skip
     else:
         assert reply.tool_calls == list(calls)
