@@ -64,12 +64,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="run calls whose required arguments hold numbers nobody said, or one said number in "
                         "several places (model/grounding.py withdraws them and answers in words)")
     g.add_argument("--raw-arguments", action="store_true",
-                   help="pass percentages, boolean flags, source/target pairs and cut-short paths, ids and names "
-                        "as the model wrote them (model/grounding.py passes a said percentage in the form its "
-                        "parameter asks for, a flag the message names as true, from_unit/to_unit or "
-                        "origin/destination the way round the message says them, a unit the message says where the "
-                        "model wrote one unit on both sides, and a path, address, id or name the model cut short "
-                        "whole)")
+                   help="pass percentages, boolean flags, enum choices, source/target pairs and cut-short "
+                        "paths, ids and names as the model wrote them (model/grounding.py passes a said "
+                        "percentage in the form its parameter asks for, a flag the message names as true, the one "
+                        "enum value the message says for one it does not, from_unit/to_unit or origin/destination "
+                        "the way round the message says them, a unit the message says where the model wrote one "
+                        "unit on both sides, and a path, address, id or name the model cut short whole)")
     g.add_argument("--single-calls", action="store_true",
                    help="make only the calls the model wrote (model/said_lists.py copies a call for each other "
                         "item of a list the message says, \"5, 10 and 15\", each further group of numbers said, "

@@ -53,6 +53,7 @@ from model.grounding import (
     drop_ungrounded_optional,
     drop_unsaid_items,
     percent_as_described,
+    said_choices,
     said_direction,
     said_flags,
     said_sides,
@@ -610,10 +611,11 @@ class Engine:
                 if self.config.read_arguments:
                     tool_calls, scaled = percent_as_described(tool_calls, ch.tools, context)
                     tool_calls, flags = said_flags(tool_calls, ch.tools, ch.last_message)
+                    tool_calls, picked = said_choices(tool_calls, ch.tools, ch.last_message)
                     tool_calls, swapped = said_direction(tool_calls, ch.tools, ch.last_message)
                     tool_calls, sided = said_sides(tool_calls, ch.tools, ch.last_message)
                     tool_calls, whole = said_whole(tool_calls, ch.tools, ch.last_message, ch.bot_name)
-                    errors.extend(scaled + flags + swapped + sided + whole)
+                    errors.extend(scaled + flags + picked + swapped + sided + whole)
                 if self.config.ground_optional_arguments:
                     tool_calls, trimmed = drop_unsaid_items(tool_calls, ch.tools, context)
                     tool_calls, dropped = drop_ungrounded_optional(tool_calls, ch.tools, context)

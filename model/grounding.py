@@ -37,7 +37,8 @@ neither is left to the model.
 "with", "is", "show", ...) must be said, and none after a negation ("without the verdict", "not organic").
 
 `said_direction` exchanges a source and target pair (`from_unit`/`to_unit`, `origin`/`destination`) the
-model wrote the wrong way round for the latest message; `said_sides` gives such a pair that names one unit
+model wrote the wrong way round for the latest message; `said_choices` passes the one `enum` value the
+message says where the model wrote one it does not ("freezer", not "fridge"); `said_sides` gives such a pair that names one unit
 on both sides the unit the message says for the other ("4200 feet in metres" answered metre -> m runs
 foot -> m); `said_whole` passes a path, address, id or name the model cut short as the whole the message
 says ("2022/AL2562", "A77312", "Nikola Jokic").
@@ -535,6 +536,32 @@ def said_direction(
                              f"{', '.join(repr(t) for t in backwards)} the other way round")
         out.append(call if arguments == call.arguments else ToolCall(name=call.name, arguments=arguments))
     return out, notes
+
+
+_LETTERS_RE = re.compile(r"[^\W\d_]+")
+
+
+def said_choices(
+    calls: Sequence[ToolCall], tools: Sequence[dict[str, Any]], message: str
+) -> tuple[list[ToolCall], list[str]]:
+    """The calls with each `enum` value the model wrote that the latest `message` does not say, where it says
+    exactly one other value of that enum, passed as that one, and a note for each: `compartment: "fridge"`
+    after "set the freezer to -20" is "freezer", `species: "cat"` after "adoptable dogs" is "dog". A value is
+    said when a word of the message names it as `said_direction` reads words ("dogs" for "dog", "miles" for
+    "mi"). Only top-level strings."""
+    words = _LETTERS_RE.findall(message)
+
+    def said(value: str) -> bool:
+        return any(_names(word, value) for word in words)
+
+    def read(key: str, schema: dict[str, Any], value: Any) -> tuple[str, str] | None:
+        choices = schema.get("enum")
+        if not isinstance(choices, list) or not isinstance(value, str) or said(value):
+            return None
+        named = [c for c in choices if isinstance(c, str) and c != value and said(c)]
+        return (named[0], "the one choice the message says") if len(named) == 1 else None
+
+    return _reread(calls, tools, read)
 
 
 def _unit_form(unit: str, schema: dict[str, Any], documented: Sequence[str], named: bool = True) -> str | None:

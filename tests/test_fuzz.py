@@ -47,6 +47,7 @@ from model.grounding import (
     drop_ungrounded_optional,
     drop_unsaid_items,
     percent_as_described,
+    said_choices,
     said_direction,
     said_flags,
     said_sides,
@@ -588,6 +589,27 @@ def test_said_sides_never_raises_and_only_writes_units_into_a_unit_pair(
     assert len(notes) >= len(changed) and set(changed) <= {"from_unit", "to_unit", "origin", "destination"}
     for key in changed:
         assert _unit_of(arguments[key]) is not None and _unit_of(call.arguments[key]) is not None
+
+
+CHOOSING = {"name": "measure", "parameters": {"type": "object", "properties": {
+    "mode": {"type": "string", "enum": ["eco", "fast", "mi", "km", "a", ""]}, "kind": {"type": "string", "enum": [1, None, "x"]},
+    "free": {"type": "string"}}}}  # fmt: skip
+
+
+@FUZZ
+@given(arguments=st.dictionaries(st.sampled_from(["mode", "kind", "free", "other"]), UNITS | st.sampled_from(SCALARS)),
+       said=DIRECTIONS | st.sampled_from(["eco please", "5 miles, fast", "a fast eco"]))  # fmt: skip
+@example(arguments={"mode": "fast"}, said="eco please")
+def test_said_choices_never_raises_and_only_picks_another_value_of_the_enum(arguments: dict[str, Any], said: str) -> None:
+    """The choice read takes any call: it keeps every argument, and changes only a value of an enum to another
+    value of that enum, with a note for each."""
+    calls, notes = said_choices([ToolCall("measure", arguments)], [CHOOSING], said)
+    (call,) = calls
+    changed = [k for k in arguments if call.arguments[k] is not arguments[k]]
+    assert list(call.arguments) == list(arguments) and len(notes) == len(changed)
+    for key in changed:  # "free" has no enum and "other" no schema: never changed
+        assert key in ("mode", "kind") and isinstance(call.arguments[key], str)
+        assert call.arguments[key] in CHOOSING["parameters"]["properties"][key]["enum"]
 
 
 LISTED = st.text(string.ascii_letters + string.digits + " ,&'$%.-()", max_size=60) | st.sampled_from(

@@ -13,6 +13,7 @@ from model.grounding import (
     drop_ungrounded_optional,
     drop_unsaid_items,
     percent_as_described,
+    said_choices,
     said_direction,
     said_flags,
     said_sides,
@@ -439,6 +440,35 @@ def _whole(text: str, **arguments: Any) -> dict[str, Any]:
     return calls[0].arguments
 
 
+FRIDGE = {
+    "name": "fridge.set_temperature",
+    "parameters": {
+        "type": "object",
+        "properties": {"compartment": {"type": "string", "enum": ["fridge", "freezer"]}, "celsius": {"type": "number"},
+                       "mode": {"type": "string", "enum": ["eco", "normal", "fast"]}, "unit": {"type": "string",
+                       "enum": ["mi", "km"]}},
+        "required": ["compartment", "celsius"],
+    },
+}  # fmt: skip
+
+
+def _choices(text: str, **arguments: Any) -> tuple[dict[str, Any], list[str]]:
+    calls, notes = said_choices([ToolCall(FRIDGE["name"], arguments)], [FRIDGE], text)
+    return calls[0].arguments, notes
+
+
+def test_the_one_choice_the_message_says_replaces_one_it_does_not() -> None:
+    args, notes = _choices("Otto set the freezer to -20", compartment="fridge", celsius=-20)
+    assert args == {"compartment": "freezer", "celsius": -20}
+    assert notes == ["fridge.set_temperature: compartment='fridge' passed as 'freezer': the one choice the message says"]
+    assert _choices("5 miles please", unit="km")[0] == {"unit": "mi"}  # "miles" names "mi" (pint)
+    # a choice the message says, none or two others said, or no enum: left alone
+    assert _choices("the fridge and the freezer", compartment="fridge")[1] == []
+    assert _choices("set it to -20", compartment="fridge")[1] == []
+    assert _choices("freezer on eco or fast", mode="normal")[1] == []
+    assert said_choices([ToolCall("case_info", {"docket": "X"})], [CASES], "freezer")[1] == []
+
+
 DOCUMENTED = {
     "name": "convert_units",
     "description": "Convert a quantity between units.",
@@ -540,13 +570,14 @@ def test_a_name_cut_short_is_passed_whole() -> None:
 @pytest.mark.parametrize("read", [True, False])
 def test_the_engine_reads_arguments_off_the_message_unless_turned_off(tiny_engine_factory, monkeypatch, read: bool) -> None:
     engine = tiny_engine_factory(threshold=0.0, read_arguments=read)
-    engine.channel("c", bot_name="Chime", tools=[LOAN, FORECAST, CONVERT, CASES])
+    engine.channel("c", bot_name="Chime", tools=[LOAN, FORECAST, CONVERT, CASES, FRIDGE])
     engine.add_human("c", "Mo", "Chime: payment at 4.5%? the Oslo forecast including humidity, 20 C in F, case "
-                                "2022/AL25, and 4200 feet in metres")
+                                "2022/AL25, and 4200 feet in metres; freezer to -20")
     calls = (ToolCall("loan", {"rate": 4.5}), ToolCall("forecast", {"city": "Oslo", "include_humidity": False}),
              ToolCall("convert_units", {"value": 20, "from_unit": "degF", "to_unit": "degC"}),
              ToolCall("case_info", {"docket": "AL25"}),
-             ToolCall("convert_units", {"value": 4200, "from_unit": "metre", "to_unit": "m"}))
+             ToolCall("convert_units", {"value": 4200, "from_unit": "metre", "to_unit": "m"}),
+             ToolCall("fridge.set_temperature", {"compartment": "fridge", "celsius": -20}))
     monkeypatch.setattr(engine.fmt, "parse_reply", lambda text: ParsedReply("", calls))
     reply = engine.generate("c", max_new_tokens=2)
     if read:
@@ -554,6 +585,7 @@ def test_the_engine_reads_arguments_off_the_message_unless_turned_off(tiny_engin
                                     ToolCall("forecast", {"city": "Oslo", "include_humidity": True}),
                                     ToolCall("convert_units", {"value": 20, "from_unit": "degC", "to_unit": "degF"}),
                                     ToolCall("case_info", {"docket": "2022/AL25"}),
-                                    ToolCall("convert_units", {"value": 4200, "from_unit": "foot", "to_unit": "m"})]  # fmt: skip
+                                    ToolCall("convert_units", {"value": 4200, "from_unit": "foot", "to_unit": "m"}),
+                                    ToolCall("fridge.set_temperature", {"compartment": "freezer", "celsius": -20})]  # fmt: skip
     else:
         assert reply.tool_calls == list(calls)
