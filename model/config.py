@@ -78,10 +78,10 @@ class EngineConfig:
     ground_required_arguments: bool = True
     # read six kinds of argument off the person's words (model/grounding.py): a percentage said, as the fraction
     # (0.05) or percent (5) its parameter's description asks for; a boolean flag the message names, as true; the
-    # one enum value the message says, for one it does not ("freezer", not "fridge"); a
-    # source and target pair (from_unit/to_unit, origin/destination) in the order the message says them; such a
-    # pair naming one unit on both sides, with the unit the message says for the other; a path, address, id or
-    # name the model cut short ("AL2562" of "2022/AL2562", "77312" of "A77312", "Jokic" of "Nikola Jokic"), whole
+    # one enum value the message says, for one it does not ("freezer", not "fridge"); a source and target pair
+    # (from_unit/to_unit, origin/destination) in the order the message says them; such a pair naming one unit on
+    # both sides, with the unit the message says for the other; a path, address, id or name the model cut short
+    # ("AL2562" of "2022/AL2562", "77312" of "A77312", "Jokic" of "Nikola Jokic"), whole
     read_arguments: bool = True
     # a call whose argument holds one item of a list the latest message says ("5, 10 and 15", "Seattle and Los
     # Angeles") is copied once for each other item; a lone call, for each further group of said numbers and each

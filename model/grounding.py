@@ -36,12 +36,12 @@ neither is left to the model.
 `organic` after "organic bananas". Every word of the parameter's name but a leading verb ("include",
 "with", "is", "show", ...) must be said, and none after a negation ("without the verdict", "not organic").
 
-`said_direction` exchanges a source and target pair (`from_unit`/`to_unit`, `origin`/`destination`) the
-model wrote the wrong way round for the latest message; `said_choices` passes the one `enum` value the
-message says where the model wrote one it does not ("freezer", not "fridge"); `said_sides` gives such a pair that names one unit
-on both sides the unit the message says for the other ("4200 feet in metres" answered metre -> m runs
-foot -> m); `said_whole` passes a path, address, id or name the model cut short as the whole the message
-says ("2022/AL2562", "A77312", "Nikola Jokic").
+`said_choices` passes the one `enum` value the latest message says where the model wrote one it does not
+("freezer", not "fridge"). `said_direction` exchanges a source and target pair (`from_unit`/`to_unit`,
+`origin`/`destination`) the model wrote the wrong way round for the message; `said_sides` gives such a pair
+that names one unit on both sides the unit the message says for the other ("4200 feet in metres" answered
+metre -> m runs foot -> m). `said_whole` passes a path, address, id or name the model cut short as the
+whole the message says ("2022/AL2562", "A77312", "Nikola Jokic").
 
 Required arguments are never dropped (the schema wants them whatever they are): `withdraw_unsaid_required`
 withdraws a whole call whose required arguments hold a number nobody said, or one said number in more
@@ -499,6 +499,12 @@ def _cues(message: str, numbers: Sequence[float]) -> tuple[list[str], list[str]]
     return sources, targets
 
 
+def _call_cues(arguments: dict[str, Any], message: str) -> tuple[list[str], list[str]]:
+    """`_cues` of `message` for a call with these `arguments`: its numbers are the ones said before a source."""
+    numbers = [n for v in arguments.values() if (n := _as_number(v)) is not None and not isinstance(v, str)]
+    return _cues(message, numbers)
+
+
 def said_direction(
     calls: Sequence[ToolCall], tools: Sequence[dict[str, Any]], message: str
 ) -> tuple[list[ToolCall], list[str]]:
@@ -520,8 +526,7 @@ def said_direction(
             out.append(call)
             continue
         arguments = dict(call.arguments)
-        numbers = [n for v in arguments.values() if (n := _as_number(v)) is not None and not isinstance(v, str)]
-        said_sources, said_targets = _cues(message, numbers)
+        said_sources, said_targets = _call_cues(arguments, message)
         for source, target in pairs:
             a, b = arguments.get(source), arguments.get(target)
             if not (isinstance(a, str) and isinstance(b, str)) or a.strip().lower() == b.strip().lower():
@@ -591,17 +596,20 @@ def said_sides(
     out: list[ToolCall] = []
     notes: list[str] = []
     for call, params in _with_parameters(calls, tools):
-        properties = (params or {}).get("properties") or {}
+        properties = (params.get("properties") or {}) if params is not None else {}
         pairs = _direction_pairs(properties)
-        arguments = dict(call.arguments) if pairs else {}
-        numbers = [n for v in arguments.values() if (n := _as_number(v)) is not None and not isinstance(v, str)]
-        said = _cues(message, numbers) if pairs else ([], [])
+        if not pairs:
+            out.append(call)
+            continue
+        arguments = dict(call.arguments)
+        said = _call_cues(arguments, message)
         for source, target in pairs:
             a, b = arguments.get(source), arguments.get(target)
             unit = _unit_of(a) if isinstance(a, str) and isinstance(b, str) else None
             if unit is None or _unit_of(b) is None:
                 continue
-            docs = [_tool_description(tools, call.name)] + [str(properties[k].get("description") or "") for k in (source, target)]
+            docs = [_tool_description(tools, call.name)] + [
+                str(properties[k].get("description") or "") for k in (source, target)]
             documented = _DOC_WORD_RE.findall(_ABBREVIATION_RE.sub(" ", " ".join(docs)))
             for side in (source, target):  # "C" and "F" are coulomb and farad to a tool that reads units with pint
                 value = arguments[side]
@@ -625,7 +633,7 @@ def said_sides(
                                  f"({other}), and {(a if side == target else b)!r} for the other side")
                     arguments[side] = form
                 break
-        out.append(call if not arguments or arguments == call.arguments else ToolCall(name=call.name, arguments=arguments))
+        out.append(call if arguments == call.arguments else ToolCall(name=call.name, arguments=arguments))
     return out, notes
 
 
@@ -706,14 +714,13 @@ def _name_runs(message: str, bot_name: str | None = None) -> list[list[str]]:
     return runs
 
 
-def _whole_name(value: str, message: str, bot_name: str | None = None) -> str | None:
-    """The one run of capitalised words of `message` (`_name_runs`) that holds `value`'s capitalised words in a
-    row and more: "Nikola Jokic" for "Jokic", "Skillet Cornbread" for "Cornbread"; None when there is none,
-    more than one, or the message also says `value` as a run of its own."""
+def _whole_name(value: str, runs: Sequence[Sequence[str]]) -> str | None:
+    """The one of the message's `runs` of capitalised words (`_name_runs`) that holds `value`'s capitalised
+    words in a row and more: "Nikola Jokic" for "Jokic", "Skillet Cornbread" for "Cornbread"; None when there
+    is none, more than one, or the message also says `value` as a run of its own."""
     words = value.lower().split()
     if not words or not all(w[:1].isupper() for w in value.split()):
         return None
-    runs = _name_runs(message, bot_name)
     lowered = [[w.lower() for w in run] for run in runs]
     if words in lowered:
         return None
@@ -738,7 +745,7 @@ def said_whole(
     that are part of one longer run of capitalised words of the message (`_name_runs`: not a sentence's first
     word, not `bot_name`) become the run, `player: "Jokic"` after "Otto Nikola Jokic per-game stats" is
     "Nikola Jokic". Only top-level strings of parameters without an enum."""
-
+    runs = _name_runs(message, bot_name)
 
     def read(held: set[str], key: str, schema: dict[str, Any], value: Any) -> tuple[str, str] | None:
         """`held`: the words of the call's string arguments."""
@@ -747,7 +754,7 @@ def said_whole(
         whole = _whole_token(value, message)
         if whole is not None:
             return whole, "the whole of what the message says"
-        name = _whole_name(value, message, bot_name)
+        name = _whole_name(value, runs)
         if name is None or (set(name.lower().split()) - set(value.lower().split())) & held:
             return None  # the rest of the name is another argument's ("Fender", "American Professional II")
         return name, "the whole name the message says"
